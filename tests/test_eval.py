@@ -1,0 +1,139 @@
+"""eval.py: loading checkpoints (and refusing what is not one), reports, comparisons, JSON, plot.
+
+The checkpoints here are written by train.py's own checkpoint() + save_atomic() from BoRAs with
+random adapters: no training needed to test the reporting. (The end-to-end test evaluates trained ones.)
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_hf_checkpoint
+from test_train import perturbed_bora, prepare
+
+import eval as evaluate_cli
+import prepare_data
+import train
+
+
+def write_ckpt(model, data: Path, hf: Path, path: Path, tau: float) -> Path:
+    cfg = train.TrainConfig(data=str(data), out=str(path.parent), init=str(hf), tau=tau, rank=4, block_size=32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = prepare_data.load_meta(data)
+    train.save_atomic(train.checkpoint(cfg, model, meta, [4, 6, 8], epoch=3, val={}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("eval")
+    data, hf = prepare(root, {"alpha": 4, "beta": 6, "gamma": 8}), write_hf_checkpoint(root / "tiny-gpt2")
+    ckpts = {tau: write_ckpt(perturbed_bora(hf, shared=tau == math.inf, seed=i), data, hf, root / f"t{tau}" / "ckpt.pt", tau)
+             for i, tau in enumerate((10.0, 0.0, math.inf))}
+    return {"root": root, "data": data, "hf": hf, "ckpts": ckpts}
+
+
+def run_eval(*args: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        evaluate_cli.main([str(a) for a in args])
+    return out.getvalue()
+
+
+def eval_error(*args: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_eval(*args)
+    message = str(e.value.code)  # sys.exit("error: ...") -> exit status 1, the message on stderr
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_load_checkpoint_rebuilds_the_model(setup):
+    model, ckpt = evaluate_cli.load_checkpoint(setup["ckpts"][10.0])
+    saved = torch.load(setup["ckpts"][10.0], weights_only=True)["adapters"]
+    assert model.adapter_state_dict().keys() == saved.keys()
+    assert all(torch.equal(model.adapter_state_dict()[k], v) for k, v in saved.items())
+    assert model.task_names == ["alpha", "beta", "gamma"] and model.lora.rank == 4 and not model.training
+    assert ckpt["tau"] == 10.0 and ckpt["train_sizes"] == [4, 6, 8]
+
+
+def test_load_checkpoint_refuses_what_is_not_one(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        evaluate_cli.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        evaluate_cli.load_checkpoint(tmp_path / "random.pt")
+    torch.save({"state_dict": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="format tag"):
+        evaluate_cli.load_checkpoint(tmp_path / "foreign.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(setup["ckpts"][10.0].read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        evaluate_cli.load_checkpoint(truncated)
+    # a checkpoint whose base model has gone
+    hf = write_hf_checkpoint(tmp_path / "gone-gpt2")
+    path = write_ckpt(perturbed_bora(hf), setup["data"], hf, tmp_path / "run" / "ckpt.pt", 10.0)
+    shutil.rmtree(hf)
+    assert "base model" in eval_error(path) and "gone-gpt2" in eval_error(path)
+
+
+def test_single_report(setup):
+    text = run_eval(setup["ckpts"][10.0], "--split", "val")
+    assert "tau=10" in text and "token-weighted" in text and "task-averaged" in text
+    model, _ = evaluate_cli.load_checkpoint(setup["ckpts"][10.0])
+    report = evaluate_cli.evaluate_checkpoint(setup["ckpts"][10.0], split="val")
+    val = prepare_data.load_split(setup["data"], "val")
+    assert [t["docs"] for t in report["tasks"]] == [int((val.task_ids == d).sum()) for d in range(3)]
+    assert [t["train_docs"] for t in report["tasks"]] == [4, 6, 8]
+    assert [t["distance"] for t in report["tasks"]] == pytest.approx(model.distances().tolist())
+    for t in report["tasks"]:  # the table shows the same numbers
+        assert f"{t['ppl']:.3f}" in text and f"{t['distance']:.4f}" in text
+    lls = [t["ll"] for t in report["tasks"]]
+    assert report["overall"]["ll_task_avg"] == pytest.approx(sum(lls) / 3)
+    assert report["overall"]["ppl_task_avg"] == pytest.approx(math.exp(-sum(lls) / 3))
+    nll_sum = sum(-t["ll"] * t["tokens"] for t in report["tasks"])
+    assert report["overall"]["ppl_token_weighted"] == pytest.approx(math.exp(nll_sum / report["overall"]["tokens"]))
+
+
+def test_several_checkpoints_side_by_side(setup):
+    paths = [setup["ckpts"][tau] for tau in (10.0, 0.0, math.inf)]
+    report = json.loads(run_eval(*paths, "--json"))
+    first, *others = report["checkpoints"]
+    assert [c["tau"] for c in report["checkpoints"]] == [10.0, 0.0, "inf"]  # JSON has no ∞: written as a string
+    for other, gain in zip(others, report["relative_improvement_of_first"]):
+        for a, b in zip(first["tasks"], other["tasks"]):
+            assert gain["tasks"][a["task"]] == pytest.approx((b["ppl"] - a["ppl"]) / b["ppl"])
+        assert gain["ppl_task_avg"] == pytest.approx(
+            (other["overall"]["ppl_task_avg"] - first["overall"]["ppl_task_avg"]) / other["overall"]["ppl_task_avg"])
+    assert others[1]["tasks"][0]["distance"] == 0.0  # τ = ∞: every task is Θ
+    table = run_eval(*paths)
+    header = next(line for line in table.splitlines() if line.startswith("task "))
+    assert header.split()[3:] == ["tau=10", "tau=0", "tau=inf", "vs", "tau=0", "vs", "tau=inf"]
+    gain = report["relative_improvement_of_first"][0]["tasks"]["alpha"]
+    assert f"{gain:+.1%}" in next(line for line in table.splitlines() if line.startswith("alpha"))
+
+
+def test_eval_refuses_another_dataset(setup, tmp_path):
+    other = prepare(tmp_path, {"alpha": 4, "beta": 6, "gamma": 8}, seed=1)  # same tasks, other texts
+    assert "--data" in eval_error(setup["ckpts"][10.0], "--data", other)
+    assert "--split" not in run_eval(setup["ckpts"][10.0], "--data", setup["data"])  # the right one is fine
+
+
+def test_plot_needs_matplotlib(setup, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    message = eval_error(setup["ckpts"][10.0], "--plot", tmp_path / "p.png")
+    assert "pip install matplotlib" in message and not (tmp_path / "p.png").exists()
+
+
+def test_plot_draws_perplexity_against_tau(setup, tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = [setup["ckpts"][tau] for tau in (10.0, 0.0, math.inf)]
+    run_eval(*paths, "--plot", tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
