@@ -43,9 +43,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # tiktoken is imported where it is used: reading a prepared folder does not need it
+    import tiktoken
 
 FORMAT = "bora-gpt2-data/1"
 ENCODING = "gpt2"
@@ -261,19 +264,19 @@ class SourceReader:
                     line = line.removeprefix("\ufeff")  # a byte-order mark
                 if not line.strip():
                     continue
+                where = f"{self.path}, line {line_no}"
                 try:
                     obj = json.loads(line)
                 except ValueError as e:
                     msg = getattr(e, "msg", str(e))
-                    raise ValueError(f"{self.path}, line {line_no}: not valid JSON ({msg}); each line must be one JSON object") from None
+                    raise ValueError(f"{where}: not valid JSON ({msg}); each line must be one JSON object") from None
                 if not isinstance(obj, dict):
-                    raise ValueError(f"{self.path}, line {line_no}: expected a JSON object, found {type(obj).__name__}")
+                    raise ValueError(f"{where}: expected a JSON object, found {type(obj).__name__}")
                 if not checked_keys:  # the first object plays the part of a CSV header
                     for col in self.columns:
                         if col not in obj:
                             raise self._missing_column(col, list(obj))
                     checked_keys = True
-                where = f"{self.path}, line {line_no}"
                 yield _json_text(obj.get(self.columns[0]), where), _json_text(obj.get(self.columns[1]), where)
 
 
@@ -290,7 +293,9 @@ def _json_text(value: object, where: str) -> str | None:
 
 def _is_blank(value: str | None) -> bool:
     """True for missing values: None, "", whitespace, and "nan" as pandas writes a missing cell."""
-    return value is None or value.strip() == "" or value.strip().lower() == "nan"
+    if value is None or value == "" or value.isspace():  # isspace() stops at the first letter: cheap on long texts
+        return True
+    return len(value) < 16 and value.strip().lower() == "nan"
 
 
 def _preview(names: Sequence[str], limit: int = 20) -> str:
@@ -415,12 +420,13 @@ def choose_tasks(counts: dict[str, int], cfg: Config) -> dict[str, int]:
                 f"{cfg.min_chars} characters; is this the Talk of Norway file? adjust --min-docs/--max-docs"
             )
         if len(eligible) < cfg.num_tasks:
-            warn(f"only {len(eligible)} tasks have between {cfg.min_docs} and {cfg.max_docs} documents; using all of them")
+            warn(f"only {len(eligible)} tasks have between {cfg.min_docs} and {cfg.max_docs} documents; using them all")
         return {t: counts[t] for t in eligible[: cfg.num_tasks]}
     names = sorted(counts) if cfg.tasks is None else cfg.tasks
     unknown = [t for t in names if t not in counts]
     if unknown:
-        raise ValueError(f"no usable documents of task(s) {_preview(unknown)} in column {col!r}; its tasks are: {_preview(sorted(counts))}")
+        known = _preview(sorted(counts))
+        raise ValueError(f"no usable documents of task(s) {_preview(unknown)} in {col!r}; its tasks are: {known}")
     cap = cfg.max_docs_per_task
     return {t: counts[t] if cap is None else min(cap, counts[t]) for t in names}
 
@@ -470,7 +476,7 @@ def assign_splits(index: RowIndex, take: dict[str, int], fractions: Sequence[flo
 # Pass 2: tokenise the chosen rows and write the split arrays
 
 
-def gpt2_encoding():
+def gpt2_encoding() -> "tiktoken.Encoding":
     """tiktoken's GPT-2 encoding, or a one-line error saying how to make it available offline."""
     try:
         import tiktoken
@@ -486,7 +492,7 @@ def gpt2_encoding():
     return enc
 
 
-def encode_prompt(enc, task: str) -> list[int]:
+def encode_prompt(enc: "tiktoken.Encoding", task: str) -> list[int]:
     """The prompt tokens of a task: "[sadness]".
 
     The prompt's trailing space is tokenised with the text (" " + text), because GPT-2's tokenizer
@@ -494,17 +500,6 @@ def encode_prompt(enc, task: str) -> list[int]:
     the tokenizer always cuts after "]" when a space follows. So prompt_len counts exactly "[task]".
     """
     return enc.encode_ordinary(PROMPT_FORMAT.format(task=task).rstrip(" "))
-
-
-def encode_document(enc, text: str, task: str | None) -> tuple[list[int], int]:
-    """(token ids of prompt + text + <|endoftext|>, prompt length); task None means no prompt.
-
-    encode_ordinary reads a literal "<|endoftext|>" inside a text as plain text; only the final
-    id is the real end-of-text token.
-    """
-    prompt = [] if task is None else encode_prompt(enc, task)
-    body = enc.encode_ordinary(text if task is None else " " + text)
-    return prompt + body + [enc.eot_token], len(prompt)
 
 
 class SplitWriter:
@@ -549,17 +544,23 @@ _BATCH_DOCS = 1024  # documents tokenised together (threads inside tiktoken)
 _THREADS = min(8, os.cpu_count() or 1)
 
 
-def write_splits(cfg: Config, index: RowIndex, row_split: np.ndarray, tasks: list[str], folder: Path, enc) -> list[SplitWriter]:
+def write_splits(
+    cfg: Config, index: RowIndex, row_split: np.ndarray, tasks: list[str], folder: Path, enc: "tiktoken.Encoding"
+) -> list[SplitWriter]:
     """Read the source again and append each chosen row, tokenised, to its split's files in `folder`."""
+    # Each row's task id in the output (its position in the sorted `tasks`), -1 where unused;
+    # the extra -1 at the end is what row_task == -1 picks.
     position = {name: i for i, name in enumerate(tasks)}
-    out_task = np.array([position.get(name, -1) for name in index.names] + [-1])[index.row_task]  # (n_rows,); -1 -> last
-    split_of, task_of = row_split.tolist(), out_task.tolist()  # lists: fast per-row lookups
+    new_id = np.array([position.get(name, -1) for name in index.names] + [-1])  # (n_pass1_tasks + 1,)
+    split_of, task_of = row_split.tolist(), new_id[index.row_task].tolist()  # lists: fast per-row lookups
     prompts = [encode_prompt(enc, t) if cfg.task_prompt else [] for t in tasks]
     eot = [enc.eot_token]
     writers = [SplitWriter(folder / name, len(tasks)) for name in SPLITS]
     batch: list[tuple[int, int, str]] = []  # (split, task, text)
 
     def flush() -> None:
+        # " " + text: the prompt's space goes with the first word (see encode_prompt). encode_ordinary
+        # reads a literal "<|endoftext|>" in a text as text; the real end-of-text id is added here.
         texts = [" " + text if cfg.task_prompt else text for _, _, text in batch]
         for (s, t, _), body in zip(batch, enc.encode_ordinary_batch(texts, num_threads=_THREADS)):
             writers[s].add(prompts[t] + body + eot, t, len(prompts[t]))
@@ -662,7 +663,12 @@ def prepare(cfg: Config) -> dict:
                 for split, w in zip(SPLITS, writers)
             },
             "source": {"name": source.name, "size": size, "sha256": sha256_of(source)},
-            "rows": {"read": index.rows_read, "usable": sum(counts.values()), "dropped": index.dropped, "invalid_utf8_replaced": index.invalid_utf8},
+            "rows": {
+                "read": index.rows_read,
+                "usable": sum(counts.values()),
+                "dropped": index.dropped,
+                "invalid_utf8_replaced": index.invalid_utf8,
+            },
             "args": asdict(cfg),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -681,7 +687,8 @@ def format_table(meta: dict) -> str:
     width = max(len(t) for t in [*tasks, "task", "all"])
     lines = [f"{'task':<{width}}" + "".join(f"{s + ' docs':>12}{s + ' tokens':>14}" for s in SPLITS)]
     for t in tasks:
-        lines.append(f"{t:<{width}}" + "".join(f"{counts[s][t]['docs']:>12,}{counts[s][t]['tokens']:>14,}" for s in SPLITS))
+        cells = "".join(f"{counts[s][t]['docs']:>12,}{counts[s][t]['tokens']:>14,}" for s in SPLITS)
+        lines.append(f"{t:<{width}}" + cells)
     total = {s: [sum(c[k] for c in counts[s].values()) for k in ("docs", "tokens")] for s in SPLITS}
     lines.append(f"{'all':<{width}}" + "".join(f"{total[s][0]:>12,}{total[s][1]:>14,}" for s in SPLITS))
     return "\n".join(lines)
@@ -706,30 +713,30 @@ def _non_negative_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", metavar="PATH", help="a CSV file with a header row")
     source.add_argument("--jsonl", metavar="PATH", help="a file with one JSON object per line")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a paper's columns and task selection")
-    p.add_argument("--text-col", help="column with the document text (default: text, or the preset's)")
-    p.add_argument("--task-col", help="column with the task name (default: task, or the preset's)")
-    p.add_argument("--out", help="output folder (default: data/<preset or file name>)")
-    p.add_argument("--split", default="0.5,0.25,0.25", help="train,val,test fractions per task (default 0.5,0.25,0.25)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the sampling and the splits (default 42)")
+    p.add_argument("--text-col", metavar="COL", help="column with the document text (default: text, or the preset's)")
+    p.add_argument("--task-col", metavar="COL", help="column with the task name (default: task, or the preset's)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: data/<preset or file name>)")
+    p.add_argument("--split", metavar="F,F,F", default="0.5,0.25,0.25", help="train,val,test fractions per task")
+    p.add_argument("--seed", metavar="N", type=_non_negative_int, default=42, help="seed of sampling and splits")
     p.add_argument("--no-task-prompt", action="store_true", help='do not prefix documents with "[task] "')
-    p.add_argument("--min-chars", type=_non_negative_int, help="drop texts shorter than this (talkofnorway: 40)")
-    p.add_argument("--drop-small-tasks", action="store_true", help="leave out tasks too small to split instead of stopping")
+    p.add_argument("--min-chars", metavar="N", type=_non_negative_int, help="drop shorter texts (talkofnorway: 40)")
+    p.add_argument("--drop-small-tasks", action="store_true", help="leave out tasks too small to split, do not stop")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     g = p.add_argument_group("without a preset")
-    g.add_argument("--tasks", help="comma-separated task names to keep (default: every task)")
-    g.add_argument("--max-docs-per-task", type=_positive_int, help="sample at most this many documents per task")
+    g.add_argument("--tasks", metavar="A,B,...", help="comma-separated task names to keep (default: every task)")
+    g.add_argument("--max-docs-per-task", metavar="N", type=_positive_int, help="sample at most N documents per task")
     g = p.add_argument_group("--preset spotify")
-    g.add_argument("--min-task-size", type=_positive_int, help="keep tasks with at least this many documents (5000)")
-    g.add_argument("--total", type=_positive_int, help="documents to sample in all, keeping the tasks' ratio (4933)")
+    g.add_argument("--min-task-size", metavar="N", type=_positive_int, help="keep tasks with >= N documents (5000)")
+    g.add_argument("--total", metavar="N", type=_positive_int, help="then sample N in all, keeping their ratio (4933)")
     g = p.add_argument_group("--preset talkofnorway")
-    g.add_argument("--num-tasks", type=_positive_int, help="keep the first this many tasks alphabetically (25)")
-    g.add_argument("--min-docs", type=_non_negative_int, help="keep tasks with more than this many documents (200)")
-    g.add_argument("--max-docs", type=_positive_int, help="... and fewer than this many (1000)")
+    g.add_argument("--num-tasks", metavar="N", type=_positive_int, help="keep the first N tasks by name (25) ...")
+    g.add_argument("--min-docs", metavar="N", type=_non_negative_int, help="... of those with > N documents (200)")
+    g.add_argument("--max-docs", metavar="N", type=_positive_int, help="... and < N documents (1000)")
     return p
 
 
@@ -739,7 +746,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
     except ValueError:
         fractions = ()
     if len(fractions) != 3 or any(not math.isfinite(f) or f < 0 for f in fractions) or fractions[0] <= 0:
-        raise ValueError(f"--split {text!r}: expected three fractions train,val,test >= 0 with train > 0, e.g. 0.5,0.25,0.25")
+        raise ValueError(f"--split {text!r}: need three fractions train,val,test >= 0, train > 0, like 0.5,0.25,0.25")
     if abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"--split {text!r}: the fractions add up to {sum(fractions):g}, not 1")
     return fractions

@@ -147,7 +147,8 @@ def test_jsonl_gives_the_same_dataset_as_csv(tmp_path):
     objects = []
     for i, (ta, tb) in enumerate(zip(NASTY_TEXTS["a"], NASTY_TEXTS["b"])):
         objects += [{"id": i, "text": ta, "task": "a"}, {"id": i, "text": tb, "task": " b "}]
-    objects += [{"text": None, "task": "a"}, {"text": "  ", "task": "b"}, {"text": "nan", "task": "a"}, {"text": "NaN", "task": "b"}]
+    objects += [{"text": None, "task": "a"}, {"text": "  ", "task": "b"}]
+    objects += [{"text": "nan", "task": "a"}, {"text": "NaN", "task": "b"}]
     objects += [{"text": "no task", "task": None}, {"id": 95}]  # the last has neither key: dropped as empty
     write_jsonl(tmp_path / "n.jsonl", objects)
     main(["--csv", str(tmp_path / "n.csv"), "--out", str(tmp_path / "from_csv")])
@@ -257,9 +258,11 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     message = fails(["--jsonl", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "d")], tmp_path)
     assert "line 4: not valid JSON" in message
     (tmp_path / "list.jsonl").write_text(f"{good}\n[1, 2]\n")
-    assert "line 2: expected a JSON object, found list" in fails(["--jsonl", str(tmp_path / "list.jsonl"), "--out", str(tmp_path / "d")], tmp_path)
+    message = fails(["--jsonl", str(tmp_path / "list.jsonl"), "--out", str(tmp_path / "d")], tmp_path)
+    assert "line 2: expected a JSON object, found list" in message
     (tmp_path / "nested.jsonl").write_text(f"{good}\n" + json.dumps({"text": ["a"], "task": "a"}) + "\n")
-    assert "line 2: expected text, found a JSON list" in fails(["--jsonl", str(tmp_path / "nested.jsonl"), "--out", str(tmp_path / "d")], tmp_path)
+    message = fails(["--jsonl", str(tmp_path / "nested.jsonl"), "--out", str(tmp_path / "d")], tmp_path)
+    assert "line 2: expected text, found a JSON list" in message
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, enc, capsys):
@@ -267,7 +270,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, enc, capsys):
     rows[1] = b"bad \xff byte,a\n"  # one invalid byte
     rows[2] = b"cut \xc3( and \xe2\x82 end,a\n"  # two truncated sequences
     rows[3] = "a real \ufffd in the file,a\n".encode()  # valid UTF-8: not counted
-    (tmp_path / "u.csv").write_bytes(b"text,task\n" + b"".join(rows))
+    (tmp_path / "u.csv").write_bytes(b"\xef\xbb\xbftext,task\n" + b"".join(rows))  # with a byte-order mark
     main(["--csv", str(tmp_path / "u.csv"), "--out", str(tmp_path / "d")])
     assert "replaced 3 invalid UTF-8 sequence(s)" in capsys.readouterr().err
     assert load_meta(tmp_path / "d")["rows"]["invalid_utf8_replaced"] == 3
@@ -277,7 +280,8 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, enc, capsys):
 
 def test_fields_longer_than_the_csv_default_limit(tmp_path, enc):
     long_text = "word " * 60_000  # 300,000 characters; the csv module's default limit is 131,072
-    write_csv(tmp_path / "l.csv", ["text", "task"], [[long_text, "a"], ["b1", "b"], ["b2", "b"], ["a2", "a"], ["a3", "a"], ["b3", "b"]])
+    rows = [[long_text, "a"], ["a2", "a"], ["a3", "a"], ["b1", "b"], ["b2", "b"], ["b3", "b"]]
+    write_csv(tmp_path / "l.csv", ["text", "task"], rows)
     main(["--csv", str(tmp_path / "l.csv"), "--out", str(tmp_path / "d")])
     assert f"[a] {long_text}{EOT}" in {doc for _, _, doc, _ in documents(tmp_path / "d", enc)}
 
@@ -306,7 +310,8 @@ def test_bad_options(tmp_path):
     for split in ("0.5,0.5", "0.5,0.3,0.3", "a,b,c", "0,0.5,0.5", "0.5,-0.25,0.75"):
         assert "--split" in fails(["--csv", src, "--split", split, "--out", out], tmp_path)
     assert "--total applies only to --preset spotify" in fails(["--csv", src, "--total", "10", "--out", out], tmp_path)
-    assert "--num-tasks applies only to --preset talkofnorway" in fails(["--csv", src, "--num-tasks", "3", "--out", out], tmp_path)
+    message = fails(["--csv", src, "--num-tasks", "3", "--out", out], tmp_path)
+    assert "--num-tasks applies only to --preset talkofnorway" in message
     message = fails(["--csv", src, "--preset", "spotify", "--tasks", "a", "--out", out], tmp_path)
     assert "--tasks applies only to runs without --preset" in message
     assert "task(s) 'zzz'" in fails(["--csv", src, "--tasks", "a,zzz", "--out", out], tmp_path)
@@ -469,7 +474,8 @@ def test_spotify_preset_errors(tmp_path):
     src = str(spotify_csv(tmp_path / "spotify.csv", SPOTIFY_COUNTS))
     message = fails(["--csv", src, "--preset", "spotify", "--out", str(tmp_path / "d")], tmp_path)
     assert "no 'emotion' value has at least 5000 documents" in message and "'joy', has 61" in message
-    message = fails(["--csv", src, "--preset", "spotify", "--min-task-size", "12", "--total", "1000", "--out", str(tmp_path / "d")], tmp_path)
+    argv = ["--csv", src, "--preset", "spotify", "--min-task-size", "12", "--total", "1000"]
+    message = fails([*argv, "--out", str(tmp_path / "d")], tmp_path)
     assert "--total 1000 is more than the 189 documents" in message
 
 
