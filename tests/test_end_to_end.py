@@ -67,7 +67,7 @@ def test_prepare_train_eval(corpus):
 
     report = eval_json(str(out / "ckpt.pt"), "--split", "val")["checkpoints"][0]
     model, ckpt = evaluate_cli.load_checkpoint(out / "ckpt.pt")
-    assert report["epoch"] == ckpt["epoch"] == 2
+    assert report["epoch"] == ckpt["epoch"] >= 1
     nll, tokens = direct_nll(model, prepare_data.load_split(data, "val"), block_size=32)
     for d, task in enumerate(report["tasks"]):
         assert task["tokens"] == tokens[d] and task["train_docs"] == SIZES[task["task"]]
@@ -78,14 +78,15 @@ def test_prepare_train_eval(corpus):
     task_avg_ll = sum(-n / t for n, t in zip(nll, tokens)) / 3
     assert overall["ll_task_avg"] == pytest.approx(task_avg_ll, rel=1e-5)
     assert overall["ppl_task_avg"] == pytest.approx(math.exp(-task_avg_ll), rel=1e-5)
-    assert overall["ll_task_avg"] == pytest.approx(vals[-1]["ll_task_avg"], rel=1e-5)  # train's own validation
+    logged = next(v for v in vals if v["epoch"] == ckpt["epoch"])
+    assert overall["ll_task_avg"] == pytest.approx(logged["ll_task_avg"], rel=1e-5)  # train's own validation
 
 
 def test_tau_inf_is_one_adapter_for_all_tasks(corpus):
     data, hf, root = corpus
     out = train_run(data, hf, root / "tauinf", "--tau", "inf", "--max-epochs", "1")
     assert json.loads((out / "args.json").read_text())["lr_used"] == 1e-2  # auto: 1e-5·τ clamped at 1e-2
-    model, ckpt = evaluate_cli.load_checkpoint(out / "ckpt.pt")
+    model, ckpt = evaluate_cli.load_checkpoint(out / "last.pt")  # after one epoch, whether it was the best or not
     assert ckpt["shared"] and ckpt["epoch"] == 1
     assert all(v.shape[0] == 0 for k, v in ckpt["adapters"].items() if k.endswith((".A", ".B")))  # no θ_d at all
     idx = torch.randint(0, 50257, (1, 12))
