@@ -502,6 +502,20 @@ def encode_prompt(enc: "tiktoken.Encoding", task: str) -> list[int]:
     return enc.encode_ordinary(PROMPT_FORMAT.format(task=task).rstrip(" "))
 
 
+def body_text(text: str, task_prompt: bool) -> str:
+    """What is tokenised after the prompt: the text, led by the prompt's space (see encode_prompt)."""
+    return " " + text if task_prompt else text
+
+
+def encode_document(enc: "tiktoken.Encoding", text: str, task: str | None) -> tuple[list[int], int]:
+    """(ids, prompt_len) of one document exactly as write_splits stores it; task=None: no prompt.
+
+    encode_ordinary reads a literal "<|endoftext|>" in a text as text; the real end-of-text id is added here.
+    """
+    prompt = encode_prompt(enc, task) if task is not None else []
+    return prompt + enc.encode_ordinary(body_text(text, task is not None)) + [enc.eot_token], len(prompt)
+
+
 class SplitWriter:
     """Appends one split's documents to a raw token file; the per-document arrays stay in memory."""
 
@@ -559,9 +573,8 @@ def write_splits(
     batch: list[tuple[int, int, str]] = []  # (split, task, text)
 
     def flush() -> None:
-        # " " + text: the prompt's space goes with the first word (see encode_prompt). encode_ordinary
-        # reads a literal "<|endoftext|>" in a text as text; the real end-of-text id is added here.
-        texts = [" " + text if cfg.task_prompt else text for _, _, text in batch]
+        # the batched form of encode_document: tiktoken's threads tokenise many documents at once
+        texts = [body_text(text, cfg.task_prompt) for _, _, text in batch]
         for (s, t, _), body in zip(batch, enc.encode_ordinary_batch(texts, num_threads=_THREADS)):
             writers[s].add(prompts[t] + body + eot, t, len(prompts[t]))
         batch.clear()

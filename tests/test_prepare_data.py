@@ -138,7 +138,10 @@ def test_tokens_equal_tiktoken_of_the_whole_document(tmp_path, enc):
             text = enc.decode(doc)[: -len(EOT)]
             assert doc == enc.encode_ordinary(text) + [enc.eot_token]
             assert doc.count(enc.eot_token) == 1
+            # encode_document (what sample.py uses) rebuilds the stored document from task and text
             task = meta["tasks"][s.task_ids[i]]
+            body = text[len(f"[{task}] "):]
+            assert pd_.encode_document(enc, body, task) == (doc, s.prompt_lens[i])
             assert enc.decode(doc[: s.prompt_lens[i]]) == f"[{task}]"
 
 
