@@ -28,8 +28,9 @@ def check_task_ids(task_ids: torch.Tensor, batch_size: int, num_tasks: int) -> N
     if task_ids.shape != (batch_size,):
         raise ValueError(f"task ids must have shape ({batch_size},), one per row of the batch, "
                          f"got {tuple(task_ids.shape)}")
-    bad = task_ids[(task_ids < GLOBAL) | (task_ids >= num_tasks)]
-    if bad.numel() > 0:
+    out_of_range = (task_ids < GLOBAL) | (task_ids >= num_tasks)
+    if out_of_range.any():
+        bad = task_ids[out_of_range]
         valid = "-1 (the global mean)" + (f" or 0..{num_tasks - 1}" if num_tasks else ", as there are no task adapters")
         raise ValueError(f"task id {bad[0].item()} is out of range: with {num_tasks} tasks the valid ids are {valid}")
 
@@ -81,10 +82,12 @@ class LoRALinear(nn.Module):
         check_task_ids(task_ids, x.shape[0], self.num_tasks)
         A_t, B_t = self.adapters(task_ids)  # (B, r, in), (B, out, r)
         x_a = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in); T = all middle dims
-        h = torch.bmm(x_a, A_t.transpose(1, 2))  # (B,T,in)·(B,r,in)ᵀ → (B,T,r)
-        delta = torch.bmm(h, B_t.transpose(1, 2))  # (B,T,r)·(B,out,r)ᵀ → (B,T,out)
-        # h = W x + b + (alpha/r) · B_t A_t x, every row with the adapter of its own task
-        return self.base(x) + self.scaling * delta.view(*x.shape[:-1], -1)
+        down = torch.bmm(x_a, A_t.transpose(1, 2))  # (B,T,in)·(B,r,in)ᵀ → (B,T,r)
+        y = self.base(x).reshape(*down.shape[:2], -1)  # (B, T, out): the frozen W x + b
+        # h = W x + b + (alpha/r) · B_t A_t x, every row with its own task's adapter. baddbmm adds the
+        # scaled product (B,T,r)·(B,out,r)ᵀ → (B,T,out) to y in one pass, not three (matmul, scale, add).
+        h = torch.baddbmm(y, down, B_t.transpose(1, 2), alpha=self.scaling)  # (B, T, out)
+        return h.view(*x.shape[:-1], -1)
 
     def merged_weight(self, task: int) -> torch.Tensor:
         """W + (alpha/r) · B_t A_t (out, in): one weight that computes task `task`'s output (-1 = Θ)."""
