@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear needs num_tasks >= 0 and rank >= 1, got {num_tasks} and {rank}")
         self.base = base.requires_grad_(False)  # W (out, in) and its bias stay exactly as pretrained
         self.num_tasks, self.rank = num_tasks, rank
-        self.scaling = alpha / rank  # LoRA's alpha/r: the update's size does not change with the rank
+        self.scaling = alpha / rank  # LoRA's alpha/r: changing r then needs no retuning of the lr
         self.dropout = nn.Dropout(dropout)  # on the adapter's input only; the frozen path sees x as is
         out_features, in_features = base.weight.shape
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -91,8 +91,9 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self, task: int) -> torch.Tensor:
         """W + (alpha/r) · B_t A_t (out, in): one weight that computes task `task`'s output (-1 = Θ)."""
-        check_task_ids(torch.tensor([task], device=self.A0.device), 1, self.num_tasks)
-        A_t, B_t = self.adapters(torch.tensor([task], device=self.A0.device))
+        task_ids = torch.tensor([task], device=self.A0.device)  # (1,)
+        check_task_ids(task_ids, 1, self.num_tasks)
+        A_t, B_t = self.adapters(task_ids)  # (1, r, in), (1, out, r)
         return self.base.weight + self.scaling * (B_t[0] @ A_t[0])  # (out,r)·(r,in) → (out,in)
 
     @torch.no_grad()
