@@ -20,15 +20,7 @@ import torch
 from eval import load_checkpoint
 from gpt2 import GPT
 from prepare_data import encode_document, encode_prompt, gpt2_encoding
-
-
-def pick_device(name: str) -> str:
-    """`auto` = cuda > mps > cpu; anything else is passed through to torch."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+from train import pick_device
 
 
 def uses_task_prompt(ckpt: dict) -> bool:
