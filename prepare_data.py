@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 import zlib
 from array import array
 from collections import Counter
@@ -57,8 +56,7 @@ PROMPT_FORMAT = "[{task}] "  # what the model reads before each text, e.g. "[sad
 _REMAKE = "re-create it with prepare_data.py (python prepare_data.py --help)"
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading a prepared folder (used by train.py and eval.py)
+# ---- Reading a prepared folder (used by train.py and eval.py) ----
 
 
 @dataclass
@@ -92,19 +90,18 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path} cannot be read ({e}); {_REMAKE}") from None
-    found = meta.get("format") if isinstance(meta, dict) else None
-    if found != FORMAT:
-        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r}; {_REMAKE}")
-    if meta.get("encoding") != ENCODING:
-        raise ValueError(f"{path} has encoding {meta.get('encoding')!r}, expected {ENCODING!r}; {_REMAKE}")
+    for key, expected in (("format", FORMAT), ("encoding", ENCODING)):
+        found = meta.get(key) if isinstance(meta, dict) else None
+        if found != expected:
+            raise ValueError(f"{path} has {key} {found!r}, expected {expected!r}; {_REMAKE}")
     return meta
 
 
 def load_split(data_dir: str | os.PathLike, split: str) -> Split:
-    """The arrays of one split ("train", "val" or "test"), checked against each other and meta.json."""
+    """The arrays of one split ("train", "val" or "test"), with a check of their types and lengths."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    meta = load_meta(data_dir)
+    load_meta(data_dir)
     folder = Path(data_dir) / split
     arrays = {}
     for name in ("tokens", "offsets", "task_ids", "prompt_lens"):
@@ -115,35 +112,14 @@ def load_split(data_dir: str | os.PathLike, split: str) -> Split:
             arrays[name] = np.load(path, mmap_mode="r" if name == "tokens" else None, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise ValueError(f"{path} is not a readable .npy file ({e}); {_REMAKE}") from None
-    data = Split(**arrays)
-    problem = _split_problem(data, num_tasks=len(meta["tasks"]))
-    if problem:
-        raise ValueError(f"{folder} is inconsistent ({problem}); {_REMAKE}")
-    return data
+    s, n = Split(**arrays), len(arrays["task_ids"])
+    ok = s.tokens.dtype == np.uint16 and all(a.dtype == np.int64 for a in (s.offsets, s.task_ids, s.prompt_lens))
+    if not ok or s.offsets.shape != (n + 1,) or s.prompt_lens.shape != (n,) or s.offsets[-1] != len(s.tokens):
+        raise ValueError(f"{folder} is inconsistent (its arrays' types or lengths do not match); {_REMAKE}")
+    return s
 
 
-def _split_problem(data: Split, num_tasks: int) -> str | None:
-    """What is wrong with a split's arrays, or None."""
-    n = len(data.task_ids)
-    if data.tokens.dtype != np.uint16 or data.tokens.ndim != 1:
-        return f"tokens are {data.tokens.dtype} {data.tokens.shape}, expected uint16 (n_tokens,)"
-    for name in ("offsets", "task_ids", "prompt_lens"):
-        if getattr(data, name).dtype != np.int64:
-            return f"{name} are {getattr(data, name).dtype}, expected int64"
-    if data.offsets.shape != (n + 1,) or data.prompt_lens.shape != (n,):
-        return f"{n} task ids but {len(data.offsets)} offsets and {len(data.prompt_lens)} prompt lengths"
-    lengths = np.diff(data.offsets)  # (n,)
-    if data.offsets[0] != 0 or data.offsets[-1] != len(data.tokens) or (lengths < 0).any():
-        return "offsets do not cover the tokens in order"
-    if n and (data.task_ids.min() < 0 or data.task_ids.max() >= num_tasks):
-        return f"task ids outside 0..{num_tasks - 1}"
-    if (data.prompt_lens < 0).any() or (data.prompt_lens >= np.maximum(lengths, 1)).any():
-        return "a prompt is as long as its document"
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Settings: argparse fills a Config; the presets only change its defaults.
+# ---- Settings: argparse fills a Config; the presets only change its defaults ----
 
 
 @dataclass
@@ -189,106 +165,97 @@ _MODE_OPTIONS = {
 }
 
 
-def task_name(raw: str, preset: str | None) -> str:
-    """The task name a raw task-column value stands for ("Abid Q. Raja" -> "abid q raja" for Talk of Norway)."""
-    if preset == "talkofnorway":
-        return raw.strip().lower().replace(".", "")
-    return raw.strip()
+# ---- Streaming the source file ----
 
 
-# ----------------------------------------------------------------------------------------------
-# Streaming the source file
+def check_source(path: Path) -> int:
+    """The source's size in bytes, after checking that it is a non-empty text file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    with open(path, "rb") as f:  # an unreadable file raises an OSError naming it and the reason
+        head = f.read(1 << 16)
+    if not head:
+        raise ValueError(f"{path} is empty")
+    if b"\0" in head:  # never in UTF-8 text; always in binary, compressed or UTF-16 files
+        raise ValueError(f"{path} is not a UTF-8 text file (it contains NUL bytes: binary, compressed or UTF-16?)")
+    return path.stat().st_size
 
 
-class SourceReader:
-    """Streams (text, task) value pairs from a CSV or JSONL file, one per non-blank row, in file order.
+def read_rows(cfg: Config, stats: Counter) -> Iterator[tuple[str | None, str | None]]:
+    """(text, task) of every non-blank row of the source, in file order; None for a missing value.
 
-    A value missing from a row comes back as None. Invalid UTF-8 is replaced by U+FFFD and counted
-    (self.invalid_utf8); CSV rows with fewer fields than the header are skipped and counted
-    (self.short_rows). Reading the same file twice yields the same rows, which the two passes rely on.
+    Invalid UTF-8 becomes U+FFFD, counted in stats["invalid_utf8"] by a decoding error handler of
+    our own (counting U+FFFD afterwards would also count the ones the file really contains). CSV rows
+    with fewer fields than the header are skipped and counted in stats["short_rows"].
     """
 
-    def __init__(self, path: Path, source_format: str, text_col: str, task_col: str):
-        self.path, self.format, self.columns = path, source_format, (text_col, task_col)
-        self.invalid_utf8 = 0
-        self.short_rows = 0
-        # A decoding error handler of our own, so that each replacement is counted where it happens
-        # (counting U+FFFD afterwards would also count the ones the file really contains).
-        self._errors = f"prepare-data-count-{id(self)}"
-        codecs.register_error(self._errors, self._replace_and_count)
-
-    def _replace_and_count(self, err: UnicodeDecodeError) -> tuple[str, int]:
-        self.invalid_utf8 += 1
+    def replace_and_count(err: UnicodeDecodeError) -> tuple[str, int]:
+        stats["invalid_utf8"] += 1
         return "\ufffd", err.end
 
-    def rows(self) -> Iterator[tuple[str | None, str | None]]:
-        return self._csv_rows() if self.format == "csv" else self._jsonl_rows()
+    codecs.register_error("prepare_data.count", replace_and_count)
+    read = _csv_rows if cfg.source_format == "csv" else _jsonl_rows
+    return read(Path(cfg.source), (cfg.text_col, cfg.task_col), stats)
 
-    def _missing_column(self, col: str, found: Sequence[str]) -> ValueError:
-        which = "text" if col == self.columns[0] else "task"
-        hint = " (is the file comma-separated?)" if len(found) == 1 and any(c in found[0] for c in ";\t|") else ""
-        return ValueError(
-            f"{self.path} has no {which} column {col!r}; its columns are: {_preview(found)}{hint}; "
-            f"choose one with --{which}-col"
-        )
 
-    def _csv_rows(self) -> Iterator[tuple[str | None, str | None]]:
-        # Real lyrics and speeches exceed the csv module's default 128 KiB field limit.
-        csv.field_size_limit(2**31 - 1)
-        # newline="" lets the csv module see newlines inside quoted fields; utf-8-sig drops a BOM.
-        with open(self.path, encoding="utf-8-sig", errors=self._errors, newline="") as f:
-            reader = csv.reader(f)
-            try:
-                header = [name.strip() for name in next(reader, [])]
-                for col in self.columns:
-                    if col not in header:
-                        raise self._missing_column(col, header)
-                text_i, task_i = (header.index(col) for col in self.columns)
-                for row in reader:
-                    if not row:  # a blank line
-                        continue
-                    if len(row) <= max(text_i, task_i):
-                        self.short_rows += 1
-                        continue
+def _csv_rows(path: Path, columns: tuple[str, str], stats: Counter) -> Iterator[tuple[str, str]]:
+    csv.field_size_limit(2**31 - 1)  # real lyrics and speeches exceed the default 128 KiB field limit
+    # newline="" lets the csv module see newlines inside quoted fields; utf-8-sig drops a BOM.
+    with open(path, encoding="utf-8-sig", errors="prepare_data.count", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = [name.strip() for name in next(reader, [])]
+            _check_columns(path, columns, header)
+            text_i, task_i = header.index(columns[0]), header.index(columns[1])
+            for row in reader:
+                if len(row) > max(text_i, task_i):
                     yield row[text_i], row[task_i]
-            except csv.Error as e:
-                raise ValueError(f"{self.path}, line {reader.line_num}: not valid CSV ({e})") from None
-
-    def _jsonl_rows(self) -> Iterator[tuple[str | None, str | None]]:
-        # Bytes split on b"\n" only: JSON allows a stray "\r" where text-mode line splitting would cut.
-        with open(self.path, "rb") as f:
-            checked_keys = False
-            for line_no, raw in enumerate(f, start=1):
-                line = raw.decode("utf-8", errors=self._errors)
-                if line_no == 1:
-                    line = line.removeprefix("\ufeff")  # a byte-order mark
-                if not line.strip():
-                    continue
-                where = f"{self.path}, line {line_no}"
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    msg = getattr(e, "msg", str(e))
-                    raise ValueError(f"{where}: not valid JSON ({msg}); each line must be one JSON object") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{where}: expected a JSON object, found {type(obj).__name__}")
-                if not checked_keys:  # the first object plays the part of a CSV header
-                    for col in self.columns:
-                        if col not in obj:
-                            raise self._missing_column(col, list(obj))
-                    checked_keys = True
-                yield _json_text(obj.get(self.columns[0]), where), _json_text(obj.get(self.columns[1]), where)
+                elif row:  # not a blank line, a short one
+                    stats["short_rows"] += 1
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
 
 
-def _json_text(value: object, where: str) -> str | None:
-    """A JSON value as text: null and NaN are missing, numbers and booleans are spelled out."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (int, float, bool)):
-        return str(value)
-    raise ValueError(f"{where}: expected text, found a JSON {type(value).__name__}")
+def _jsonl_rows(path: Path, columns: tuple[str, str], stats: Counter) -> Iterator[tuple[str | None, str | None]]:
+    # Bytes split on b"\n" only: JSON allows a stray "\r" where text-mode line splitting would cut.
+    with open(path, "rb") as f:
+        first = True
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", errors="prepare_data.count").removeprefix("\ufeff")  # and a BOM
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                msg = getattr(e, "msg", e)
+                raise ValueError(f"{where}: not valid JSON ({msg}); each line must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+            if first:  # the first object plays the part of a CSV header
+                _check_columns(path, columns, list(obj))
+                first = False
+            text, task = (obj.get(col) for col in columns)
+            for value in (text, task):
+                if isinstance(value, (list, dict)):
+                    raise ValueError(f"{where}: expected text, found a JSON {type(value).__name__}")
+            # null and NaN are missing values; numbers and booleans are spelled out
+            yield tuple(None if v is None or v != v else str(v) for v in (text, task))
+
+
+def _check_columns(path: Path, columns: tuple[str, str], found: list[str]) -> None:
+    for which, col in zip(("text", "task"), columns):
+        if col not in found:
+            hint = " (is the file comma-separated?)" if len(found) == 1 and any(c in found[0] for c in ";\t|") else ""
+            raise ValueError(f"{path} has no {which} column {col!r}; its columns are: {_preview(found)}{hint}; "
+                             f"choose one with --{which}-col")
+
+
+def _preview(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n[:40]) for n in names[:limit]) or "(none)"
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _is_blank(value: str | None) -> bool:
@@ -296,29 +263,6 @@ def _is_blank(value: str | None) -> bool:
     if value is None or value == "" or value.isspace():  # isspace() stops at the first letter: cheap on long texts
         return True
     return len(value) < 16 and value.strip().lower() == "nan"
-
-
-def _preview(names: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(n[:40]) for n in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "(none)"
-
-
-def check_source(path: Path) -> int:
-    """The source's size in bytes, after checking that it is a readable, non-empty text file."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{path} is not a file")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    if not head:
-        raise ValueError(f"{path} is empty")
-    if b"\0" in head:  # never in UTF-8 text; always in binary, compressed or UTF-16 files
-        raise ValueError(f"{path} is not a UTF-8 text file (it contains NUL bytes: binary, compressed or UTF-16?)")
-    return path.stat().st_size
 
 
 def sha256_of(path: Path) -> str:
@@ -329,50 +273,41 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------
-# Pass 1: which row belongs to which task
+# ---- Pass 1: which row belongs to which task ----
 
 
-@dataclass
-class RowIndex:
-    names: list[str]  # task names in order of first appearance
-    row_task: np.ndarray  # (n_rows,) int32: index into names, -1 for a dropped row
-    rows_read: int  # n_rows plus the rows skipped for having too few fields
-    dropped: dict[str, int]  # reason -> number of rows
-    invalid_utf8: int  # invalid UTF-8 sequences replaced by U+FFFD
+def index_rows(cfg: Config) -> tuple[list[str], np.ndarray, dict]:
+    """Read the source once, keeping only the task of each usable row (4 bytes a row, no text).
 
-    def counts(self) -> dict[str, int]:
-        """Usable documents per task."""
-        per_task = np.bincount(self.row_task[self.row_task >= 0], minlength=len(self.names))
-        return dict(zip(self.names, per_task.tolist()))
-
-
-def index_rows(cfg: Config) -> RowIndex:
-    """Read the source once, keeping only the task of each usable row (4 bytes a row, no text)."""
-    reader = SourceReader(Path(cfg.source), cfg.source_format, cfg.text_col, cfg.task_col)
+    Returns the task names in order of first appearance, each row's index into them ((n_rows,) int32,
+    -1 for a dropped row) and a report of the rows read, usable and dropped (meta.json's "rows").
+    """
+    stats: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
     ids: dict[str, int] = {}
     row_task = array("i")
-    dropped: Counter[str] = Counter()
-    for text, task in reader.rows():
+    for text, task in read_rows(cfg, stats):
         if _is_blank(text):
-            reason = "empty text"
+            dropped["empty text"] += 1
         elif _is_blank(task):
-            reason = "no task"
+            dropped["no task"] += 1
         elif len(text) < cfg.min_chars:
-            reason = f"text shorter than {cfg.min_chars} characters"
+            dropped[f"text shorter than {cfg.min_chars} characters"] += 1
         else:
-            row_task.append(ids.setdefault(task_name(task, cfg.preset), len(ids)))
+            # Talk of Norway's names as the paper's code wrote them: "Abid Q. Raja" -> "abid q raja"
+            name = task.strip().lower().replace(".", "") if cfg.preset == "talkofnorway" else task.strip()
+            row_task.append(ids.setdefault(name, len(ids)))
             continue
-        dropped[reason] += 1
         row_task.append(-1)
-    if reader.short_rows:
-        dropped["fewer fields than the header"] = reader.short_rows
-    row_task = np.array(row_task, dtype=np.int32)
-    return RowIndex(list(ids), row_task, len(row_task) + reader.short_rows, dict(dropped), reader.invalid_utf8)
+    usable = len(row_task) - sum(dropped.values())
+    if stats["short_rows"]:
+        dropped["fewer fields than the header"] = stats["short_rows"]
+    read = len(row_task) + stats["short_rows"]
+    rows = {"read": read, "usable": usable, "dropped": dict(dropped), "invalid_utf8_replaced": stats["invalid_utf8"]}
+    return list(ids), np.array(row_task, dtype=np.int32), rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Choosing tasks, documents and splits
+# ---- Choosing tasks, documents and splits ----
 
 
 def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
@@ -404,76 +339,66 @@ def choose_tasks(counts: dict[str, int], cfg: Config) -> dict[str, int]:
     if cfg.preset == "spotify":
         kept = {t: n for t, n in sorted(counts.items()) if n >= cfg.min_task_size}
         if not kept:
-            biggest = max(counts.items(), key=lambda item: item[1], default=("none", 0))
-            raise ValueError(
-                f"no {col!r} value has at least {cfg.min_task_size} documents (the largest, {biggest[0]!r}, has "
-                f"{biggest[1]}); is this the Spotify lyrics file? lower the threshold with --min-task-size"
-            )
+            top, n = max(counts.items(), key=lambda item: item[1], default=("none", 0))
+            raise ValueError(f"no {col!r} value has at least {cfg.min_task_size} documents (the largest, {top!r}, "
+                             f"has {n}); is this the Spotify lyrics file? lower the threshold with --min-task-size")
         if cfg.total > sum(kept.values()):
             raise ValueError(f"--total {cfg.total} is more than the {sum(kept.values())} documents of the kept tasks")
         return dict(zip(kept, largest_remainder(cfg.total, list(kept.values()))))
     if cfg.preset == "talkofnorway":
         eligible = sorted(t for t, n in counts.items() if cfg.min_docs < n < cfg.max_docs)
         if not eligible:
-            raise ValueError(
-                f"no {col!r} value has more than {cfg.min_docs} and fewer than {cfg.max_docs} texts of at least "
-                f"{cfg.min_chars} characters; is this the Talk of Norway file? adjust --min-docs/--max-docs"
-            )
+            raise ValueError(f"no {col!r} value has more than {cfg.min_docs} and fewer than {cfg.max_docs} texts of "
+                             f"at least {cfg.min_chars} characters; is this the Talk of Norway file? "
+                             f"adjust --min-docs/--max-docs")
         if len(eligible) < cfg.num_tasks:
             warn(f"only {len(eligible)} tasks have between {cfg.min_docs} and {cfg.max_docs} documents; using them all")
         return {t: counts[t] for t in eligible[: cfg.num_tasks]}
     names = sorted(counts) if cfg.tasks is None else cfg.tasks
     unknown = [t for t in names if t not in counts]
     if unknown:
-        known = _preview(sorted(counts))
-        raise ValueError(f"no usable documents of task(s) {_preview(unknown)} in {col!r}; its tasks are: {known}")
-    cap = cfg.max_docs_per_task
-    return {t: counts[t] if cap is None else min(cap, counts[t]) for t in names}
+        raise ValueError(f"no usable documents of task(s) {_preview(unknown)} in {col!r}; "
+                         f"its tasks are: {_preview(sorted(counts))}")
+    return {t: min(cfg.max_docs_per_task or counts[t], counts[t]) for t in names}
 
 
 def drop_unsplittable(take: dict[str, int], cfg: Config) -> dict[str, int]:
     """Stop on (or, with --drop-small-tasks, leave out) tasks with too few documents to split."""
     need = min_docs_to_split(cfg.split)
     small = {t: n for t, n in take.items() if n < need}
-    how = "/".join(f"{f:g}" for f in cfg.split)
+    how = f"fewer than the {need} documents needed to split " + "/".join(f"{f:g}" for f in cfg.split)
     if small and not cfg.drop_small_tasks:
         listed = ", ".join(f"{t!r} ({n})" for t, n in list(small.items())[:5])
-        raise ValueError(
-            f"task(s) {listed} have fewer than the {need} documents needed to split {how}; "
-            f"add --drop-small-tasks to leave them out"
-        )
+        raise ValueError(f"task(s) {listed} have {how}; add --drop-small-tasks to leave them out")
     for t, n in small.items():
-        warn(f"dropped task {t!r}: {n} document(s), fewer than the {need} needed to split {how}")
-    kept = {t: n for t, n in take.items() if n >= need}
-    if not kept:
-        raise ValueError(f"no task has the {need} documents needed to split {how}")
-    return kept
+        warn(f"dropped task {t!r}: {n} document(s), {how}")
+    if len(small) == len(take):
+        raise ValueError(f"every task has {how}")
+    return {t: n for t, n in take.items() if t not in small}
 
 
-def assign_splits(index: RowIndex, take: dict[str, int], fractions: Sequence[float], seed: int) -> np.ndarray:
+def assign_splits(names: list[str], row_task: np.ndarray, take: dict[str, int], cfg: Config) -> np.ndarray:
     """(n_rows,) int8: the split of every chosen row (0 train, 1 val, 2 test), -1 for the others.
 
     Each task has its own generator, seeded from --seed and the task's name, so a task's documents and
     splits do not depend on which other tasks are chosen.
     """
-    row_split = np.full(len(index.row_task), -1, dtype=np.int8)
+    row_split = np.full(len(row_task), -1, dtype=np.int8)
     # Rows grouped by task without a pass over all rows per task: a stable sort, then the group ends.
-    order = np.argsort(index.row_task, kind="stable")  # dropped rows (-1) first, then task 0, task 1, ...
-    ends = np.cumsum(np.bincount(index.row_task + 1, minlength=len(index.names) + 1))  # (num_tasks + 1,)
-    position = {name: i for i, name in enumerate(index.names)}
-    for name, n_docs in take.items():
-        t = position[name]
-        rows = order[ends[t] : ends[t + 1]]  # this task's rows, in file order
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-        chosen = rng.permutation(rows)[:n_docs]  # a uniformly random subset, in random order
-        bounds = np.cumsum([0, *largest_remainder(n_docs, fractions)])
-        for s in range(len(SPLITS)):
-            row_split[chosen[bounds[s] : bounds[s + 1]]] = s
+    order = np.argsort(row_task, kind="stable")  # dropped rows (-1) first, then task 0, task 1, ...
+    ends = np.cumsum(np.bincount(row_task + 1, minlength=len(names) + 1))  # (num_tasks + 1,)
+    for t, name in enumerate(names):
+        if name in take:
+            rows = order[ends[t] : ends[t + 1]]  # this task's rows, in file order
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode("utf-8"))])
+            chosen = rng.permutation(rows)[: take[name]]  # a uniformly random subset, in random order
+            bounds = np.cumsum([0, *largest_remainder(take[name], cfg.split)])
+            for s in range(len(SPLITS)):
+                row_split[chosen[bounds[s] : bounds[s + 1]]] = s
     return row_split
 
 
-# ----------------------------------------------------------------------------------------------
-# Pass 2: tokenise the chosen rows and write the split arrays
+# ---- Pass 2: tokenise the chosen rows and write the split arrays ----
 
 
 def gpt2_encoding() -> "tiktoken.Encoding":
@@ -481,15 +406,10 @@ def gpt2_encoding() -> "tiktoken.Encoding":
     try:
         import tiktoken
 
-        enc = tiktoken.get_encoding(ENCODING)
+        return tiktoken.get_encoding(ENCODING)  # 50257 ids: they fit uint16
     except Exception as e:  # import error, no network, no cache: all mean the same to the user
-        first_line = (str(e).splitlines() or [""])[0]
-        raise ValueError(
-            f"cannot load tiktoken's {ENCODING!r} encoding ({type(e).__name__}: {first_line}); install tiktoken "
-            f"and allow network access once, or set TIKTOKEN_CACHE_DIR to a folder holding its files"
-        ) from None
-    assert enc.n_vocab <= 2**16, "token ids must fit uint16"
-    return enc
+        raise ValueError(f"cannot load tiktoken's {ENCODING!r} encoding ({type(e).__name__}); install tiktoken "
+                         f"and allow network access once, or set TIKTOKEN_CACHE_DIR to a folder of its files") from None
 
 
 def encode_prompt(enc: "tiktoken.Encoding", task: str) -> list[int]:
@@ -521,54 +441,42 @@ class SplitWriter:
 
     def __init__(self, folder: Path, num_tasks: int):
         folder.mkdir()
-        self.folder = folder
-        self.raw = open(folder / "tokens.raw", "wb")
-        self.offsets = array("q", [0])
-        self.task_ids = array("q")
-        self.prompt_lens = array("q")
+        self.folder, self.raw = folder, open(folder / "tokens.raw", "wb")
+        self.offsets, self.task_ids, self.prompt_lens = array("q", [0]), array("q"), array("q")
         self.docs = np.zeros(num_tasks, dtype=np.int64)  # (num_tasks,)
         self.tokens = np.zeros(num_tasks, dtype=np.int64)  # (num_tasks,)
 
     def add(self, ids: list[int], task: int, prompt_len: int) -> None:
-        doc = np.array(ids, dtype="<u2")  # (len,)
-        self.raw.write(doc.tobytes())
-        self.offsets.append(self.offsets[-1] + len(doc))
+        self.raw.write(np.array(ids, dtype="<u2").tobytes())
+        self.offsets.append(self.offsets[-1] + len(ids))
         self.task_ids.append(task)
         self.prompt_lens.append(prompt_len)
         self.docs[task] += 1
-        self.tokens[task] += len(doc)
+        self.tokens[task] += len(ids)
 
     def finish(self) -> None:
         """Write the four .npy files. tokens.npy = an .npy header + the raw file, copied in chunks."""
         self.raw.close()
-        raw_path = self.folder / "tokens.raw"
         header = {"descr": "<u2", "fortran_order": False, "shape": (self.offsets[-1],)}
-        with open(self.folder / "tokens.npy", "wb") as out, open(raw_path, "rb") as raw:
+        with open(self.folder / "tokens.npy", "wb") as out, open(self.folder / "tokens.raw", "rb") as raw:
             np.lib.format.write_array_header_1_0(out, header)
             shutil.copyfileobj(raw, out, 1 << 20)
-        raw_path.unlink()
+        (self.folder / "tokens.raw").unlink()
         for name in ("offsets", "task_ids", "prompt_lens"):
             np.save(self.folder / f"{name}.npy", np.array(getattr(self, name), dtype=np.int64))
-
-    def close(self) -> None:
-        self.raw.close()
 
 
 _BATCH_DOCS = 1024  # documents tokenised together (threads inside tiktoken)
 _THREADS = min(8, os.cpu_count() or 1)
 
 
-def write_splits(
-    cfg: Config, index: RowIndex, row_split: np.ndarray, tasks: list[str], folder: Path, enc: "tiktoken.Encoding"
-) -> list[SplitWriter]:
-    """Read the source again and append each chosen row, tokenised, to its split's files in `folder`."""
-    # Each row's task id in the output (its position in the sorted `tasks`), -1 where unused;
-    # the extra -1 at the end is what row_task == -1 picks.
-    position = {name: i for i, name in enumerate(tasks)}
-    new_id = np.array([position.get(name, -1) for name in index.names] + [-1])  # (n_pass1_tasks + 1,)
-    split_of, task_of = row_split.tolist(), new_id[index.row_task].tolist()  # lists: fast per-row lookups
+def write_splits(cfg: Config, new_task: np.ndarray, row_split: np.ndarray, tasks: list[str], folder: Path,
+                 enc: "tiktoken.Encoding") -> list[SplitWriter]:
+    """Read the source again and append each chosen row, tokenised, to its split's files in `folder`.
+
+    new_task (n_rows,): each row's index into `tasks`; row_split (n_rows,): its split, -1 if unused.
+    """
     prompts = [encode_prompt(enc, t) if cfg.task_prompt else [] for t in tasks]
-    eot = [enc.eot_token]
     writers = [SplitWriter(folder / name, len(tasks)) for name in SPLITS]
     batch: list[tuple[int, int, str]] = []  # (split, task, text)
 
@@ -576,61 +484,46 @@ def write_splits(
         # the batched form of encode_document: tiktoken's threads tokenise many documents at once
         texts = [body_text(text, cfg.task_prompt) for _, _, text in batch]
         for (s, t, _), body in zip(batch, enc.encode_ordinary_batch(texts, num_threads=_THREADS)):
-            writers[s].add(prompts[t] + body + eot, t, len(prompts[t]))
+            writers[s].add(prompts[t] + body + [enc.eot_token], t, len(prompts[t]))
         batch.clear()
 
-    changed = ValueError(f"{cfg.source} changed while it was being read; run again")
-    reader = SourceReader(Path(cfg.source), cfg.source_format, cfg.text_col, cfg.task_col)
-    try:
-        n_rows = 0
-        for i, (text, _) in enumerate(reader.rows()):
-            n_rows += 1
-            if i >= len(split_of):
-                raise changed
-            if split_of[i] >= 0:
-                if _is_blank(text):
-                    raise changed
-                batch.append((split_of[i], task_of[i], text))
+    try:  # .tolist(): Python ints are faster to look up row by row than numpy scalars
+        for s, t, (text, _) in zip(row_split.tolist(), new_task.tolist(), read_rows(cfg, Counter())):
+            if s >= 0:
+                batch.append((s, t, text))
                 if len(batch) >= _BATCH_DOCS:
                     flush()
         flush()
-        if n_rows != len(split_of):
-            raise changed
         for w in writers:
             w.finish()
     finally:
         for w in writers:
-            w.close()
+            w.raw.close()
     return writers
 
 
-# ----------------------------------------------------------------------------------------------
-# The output folder: written beside the target, renamed into place only when complete
+# ---- The output folder: written beside the target, renamed into place only when complete ----
 
 
 def check_out_folder(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
-    if not force:
+    if out.exists() and not force:
         raise ValueError(f"{out} already exists; add --force to replace it")
     # --force replaces datasets, never an arbitrary folder given by mistake (say, --out .)
-    if not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file()):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
         raise ValueError(f"refusing to replace {out}: it is not a folder written by prepare_data.py (no meta.json)")
 
 
-def publish(tmp: Path, out: Path, force: bool) -> None:
+def publish(tmp: Path, out: Path) -> None:
     """Move the finished folder `tmp` to `out`; an old `out` is removed only after the new one is in place."""
     if not out.exists():
         os.rename(tmp, out)
         return
-    check_out_folder(out, force)  # again: it may have appeared while we were working
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.rename(out, old / "replaced")
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+    os.rename(out, old)
     try:
         os.rename(tmp, out)
     except BaseException:
-        os.rename(old / "replaced", out)
-        old.rmdir()
+        os.rename(old, out)
         raise
     shutil.rmtree(old)
 
@@ -646,46 +539,37 @@ def prepare(cfg: Config) -> dict:
     size = check_source(source)
     enc = gpt2_encoding()
 
-    index = index_rows(cfg)  # pass 1
-    counts = index.counts()
-    print(f"read {index.rows_read:,} rows of {source.name}: {sum(counts.values()):,} usable, {len(counts):,} tasks")
-    if index.invalid_utf8:
-        warn(f"replaced {index.invalid_utf8} invalid UTF-8 sequence(s) with U+FFFD")
-    for reason, n in index.dropped.items():
+    names, row_task, rows = index_rows(cfg)  # pass 1
+    counts = dict(zip(names, np.bincount(row_task[row_task >= 0], minlength=len(names)).tolist()))
+    print(f"read {rows['read']:,} rows of {source.name}: {rows['usable']:,} usable, {len(counts):,} tasks")
+    if rows["invalid_utf8_replaced"]:
+        warn(f"replaced {rows['invalid_utf8_replaced']} invalid UTF-8 sequence(s) with U+FFFD")
+    for reason, n in rows["dropped"].items():
         warn(f"dropped {n} row(s): {reason}")
     if not counts:
         raise ValueError(f"{source} has no usable rows (texts in {cfg.text_col!r}, tasks in {cfg.task_col!r})")
 
     take = drop_unsplittable(choose_tasks(counts, cfg), cfg)
     tasks = sorted(take)
-    row_split = assign_splits(index, take, cfg.split, cfg.seed)
+    row_split = assign_splits(names, row_task, take, cfg)
+    # each row's index into the sorted `tasks` (-1 if unused); the extra -1 is what row_task == -1 picks
+    new_id = np.array([tasks.index(n) if n in take else -1 for n in names] + [-1])  # (len(names) + 1,)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # hidden, beside the target
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the published folder
     try:
-        writers = write_splits(cfg, index, row_split, tasks, tmp, enc)  # pass 2
-        meta = {
-            "format": FORMAT,
-            "tasks": tasks,
-            "encoding": ENCODING,
-            "task_prompt": cfg.task_prompt,
-            "prompt_format": PROMPT_FORMAT if cfg.task_prompt else "",
-            "counts": {
-                split: {t: {"docs": int(w.docs[i]), "tokens": int(w.tokens[i])} for i, t in enumerate(tasks)}
-                for split, w in zip(SPLITS, writers)
-            },
-            "source": {"name": source.name, "size": size, "sha256": sha256_of(source)},
-            "rows": {
-                "read": index.rows_read,
-                "usable": sum(counts.values()),
-                "dropped": index.dropped,
-                "invalid_utf8_replaced": index.invalid_utf8,
-            },
-            "args": asdict(cfg),
+        writers = write_splits(cfg, new_id[row_task], row_split, tasks, tmp, enc)  # pass 2
+        counts = {
+            split: {t: {"docs": int(w.docs[i]), "tokens": int(w.tokens[i])} for i, t in enumerate(tasks)}
+            for split, w in zip(SPLITS, writers)
         }
+        meta = {"format": FORMAT, "tasks": tasks, "encoding": ENCODING, "task_prompt": cfg.task_prompt,
+                "prompt_format": PROMPT_FORMAT if cfg.task_prompt else "", "counts": counts,
+                "source": {"name": source.name, "size": size, "sha256": sha256_of(source)},
+                "rows": rows, "args": asdict(cfg)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        publish(tmp, out, cfg.force)
+        publish(tmp, out)
     except BaseException:  # Ctrl-C included: never leave a half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -707,22 +591,13 @@ def format_table(meta: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
+# ---- Command line ----
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
+    if int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -735,9 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-col", metavar="COL", help="column with the task name (default: task, or the preset's)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<preset or file name>)")
     p.add_argument("--split", metavar="F,F,F", default="0.5,0.25,0.25", help="train,val,test fractions per task")
-    p.add_argument("--seed", metavar="N", type=_non_negative_int, default=42, help="seed of sampling and splits")
+    p.add_argument("--seed", metavar="N", type=int, default=42, help="seed of sampling and splits")
     p.add_argument("--no-task-prompt", action="store_true", help='do not prefix documents with "[task] "')
-    p.add_argument("--min-chars", metavar="N", type=_non_negative_int, help="drop shorter texts (talkofnorway: 40)")
+    p.add_argument("--min-chars", metavar="N", type=int, help="drop shorter texts (talkofnorway: 40)")
     p.add_argument("--drop-small-tasks", action="store_true", help="leave out tasks too small to split, do not stop")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     g = p.add_argument_group("without a preset")
@@ -748,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--total", metavar="N", type=_positive_int, help="then sample N in all, keeping their ratio (4933)")
     g = p.add_argument_group("--preset talkofnorway")
     g.add_argument("--num-tasks", metavar="N", type=_positive_int, help="keep the first N tasks by name (25) ...")
-    g.add_argument("--min-docs", metavar="N", type=_non_negative_int, help="... of those with > N documents (200)")
-    g.add_argument("--max-docs", metavar="N", type=_positive_int, help="... and < N documents (1000)")
+    g.add_argument("--min-docs", metavar="N", type=int, help="... of those with > N documents (200)")
+    g.add_argument("--max-docs", metavar="N", type=int, help="... and < N documents (1000)")
     return p
 
 
@@ -758,10 +633,10 @@ def parse_split(text: str) -> tuple[float, float, float]:
         fractions = tuple(float(x) for x in text.split(","))
     except ValueError:
         fractions = ()
-    if len(fractions) != 3 or any(not math.isfinite(f) or f < 0 for f in fractions) or fractions[0] <= 0:
-        raise ValueError(f"--split {text!r}: need three fractions train,val,test >= 0, train > 0, like 0.5,0.25,0.25")
-    if abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"--split {text!r}: the fractions add up to {sum(fractions):g}, not 1")
+    valid = len(fractions) == 3 and all(0 <= f < math.inf for f in fractions) and fractions[0] > 0
+    if not valid or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"--split {text!r}: need three fractions train,val,test >= 0 adding up to 1, train > 0, "
+                         f"like 0.5,0.25,0.25")
     return fractions
 
 
@@ -772,32 +647,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
             if getattr(args, option) is not None and args.preset != mode:
                 where = f"--preset {mode}" if mode else "runs without --preset"
                 raise ValueError(f"--{option.replace('_', '-')} applies only to {where}")
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks == []:
+        raise ValueError("--tasks is empty; give comma-separated task names")
     source = args.csv if args.csv is not None else args.jsonl
     # Precedence: an option given on the command line, else the preset's value, else Config's default.
-    given = {
-        name: getattr(args, name)
-        for name in ("preset", "text_col", "task_col", "min_chars", "max_docs_per_task",
-                     "min_task_size", "total", "num_tasks", "min_docs", "max_docs")
-        if getattr(args, name) is not None
-    }
-    cfg = Config(
-        **{**PRESETS.get(args.preset, {}), **given},
-        source=source,
-        source_format="csv" if args.csv is not None else "jsonl",
-        out=args.out or str(Path("data") / (args.preset or Path(source).stem)),
-        split=parse_split(args.split),
-        seed=args.seed,
-        task_prompt=not args.no_task_prompt,
-        drop_small_tasks=args.drop_small_tasks,
-        force=args.force,
-    )
-    if args.tasks is not None:
-        cfg.tasks = [task_name(t, None) for t in args.tasks.split(",") if t.strip()]
-        if not cfg.tasks:
-            raise ValueError("--tasks is empty; give comma-separated task names")
-    if cfg.preset == "talkofnorway" and cfg.min_docs >= cfg.max_docs - 1:
-        raise ValueError(f"--min-docs {cfg.min_docs} and --max-docs {cfg.max_docs} leave no task size between them")
-    return cfg
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    return Config(**{
+        **PRESETS.get(args.preset, {}),
+        **given,
+        "source": source,
+        "source_format": "csv" if args.csv is not None else "jsonl",
+        "out": args.out or str(Path("data") / (args.preset or Path(source).stem)),
+        "split": parse_split(args.split),
+        "task_prompt": not args.no_task_prompt,
+        "tasks": tasks,
+    })
 
 
 def main(argv: list[str] | None = None) -> None:
