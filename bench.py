@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from bora import BoRA, LoRAConfig
 from gpt2 import GPT, GPTConfig
 from lora import LoRALinear
+from train import pick_device
 
 
 class TextbookLoRA(nn.Module):
@@ -50,12 +51,6 @@ def textbook_lora_gpt(base: GPT, rank: int, alpha: float) -> GPT:
     for block in gpt.transformer.h:
         block.attn.c_attn = TextbookLoRA(block.attn.c_attn, rank, alpha)
     return gpt
-
-
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def median_times(variants: dict[str, Callable[[], float]], warmup: int, repeats: int, device: str
@@ -106,7 +101,7 @@ def print_table(title: str, times: dict[str, float], baseline: str, losses: dict
         print(f"  {name:<42} {seconds:7.3f}{loss}  {seconds / times[baseline]:6.3f}x")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="auto = cuda > mps > cpu")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -115,7 +110,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of training steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed rounds of whole-model steps; medians shown")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (1 <= args.block_size <= 1024 and min(args.batch_size, args.tasks, args.steps) >= 1 and args.warmup >= 0):
         sys.exit("error: need 1 <= --block-size <= 1024, --batch-size, --tasks, --steps >= 1, --warmup >= 0")
     device = pick_device(args.device)
