@@ -76,10 +76,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, ..., in) and task_ids (B,) (default: self.task_ids) -> (B, ..., out)."""
-        task_ids = self.task_ids if task_ids is None else task_ids
-        if task_ids is None:
+        if task_ids is not None:
+            check_task_ids(task_ids, x.shape[0], self.num_tasks)
+        elif self.task_ids is not None:
+            # set, and checked once for all layers, by the enclosing model (BoRA.forward): checking again
+            # here would cost a GPU sync in every adapted layer of every forward
+            task_ids = self.task_ids
+        else:
             raise ValueError("LoRALinear got no task ids: call layer(x, task_ids), or run the model via BoRA.forward")
-        check_task_ids(task_ids, x.shape[0], self.num_tasks)
         A_t, B_t = self.adapters(task_ids)  # (B, r, in), (B, out, r)
         x_a = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in); T = all middle dims
         down = torch.bmm(x_a, A_t.transpose(1, 2))  # (B,T,in)·(B,r,in)ᵀ → (B,T,r)
