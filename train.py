@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -227,14 +226,12 @@ def train_step(model: BoRA, forward, opt: torch.optim.Optimizer, x: torch.Tensor
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # an ordinary file: the user's umask applies
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def jsonable(obj):
