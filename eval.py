@@ -133,14 +133,20 @@ def print_table(results: list[dict], gains: list[dict]) -> None:
         print(f"{t['task']:<20} {t['train_docs']:>10}" + distances)
 
 
-def plot(results: list[dict], file: str) -> None:
-    """Perplexity against τ on a log axis; τ = 0 and τ = ∞ drawn one decade beyond the finite values."""
+def pyplot():
+    """matplotlib.pyplot drawing into files only, or a one-line error saying how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot(results: list[dict], file: str) -> None:
+    """Perplexity against τ on a log axis; τ = 0 and τ = ∞ drawn one decade beyond the finite values."""
+    plt = pyplot()
     finite = [r["tau"] for r in results if 0 < r["tau"] < math.inf]
     lo, hi = (min(finite) / 10, max(finite) * 10) if finite else (0.1, 10.0)
     position = {0.0: lo, math.inf: hi}  # where the two limits sit on the log axis
@@ -172,11 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw perplexity against tau (needs matplotlib)")
     args = p.parse_args(argv)
     try:
-        if args.plot:  # fail before the slow part if matplotlib is missing
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+        if args.plot:
+            pyplot()  # fail before the slow part if matplotlib is missing
         device = pick_device(args.device)
         results = [evaluate_checkpoint(c, args.split, args.data, args.batch_size, device) for c in args.ckpts]
         same_data = [(r["source"], [t["task"] for t in r["tasks"]]) for r in results]
