@@ -197,8 +197,8 @@ class GPT(nn.Module):
         # safetensors takes contiguous CPU tensors; the transposed Conv1D weights are views until copied
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.hf_state_dict().items()}
         folder = Path(folder)
-        _atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 # Hugging Face's GPT-2 computes these four with its Conv1D, x @ W + b with W stored (in, out), where
@@ -297,9 +297,9 @@ def _download(name: str) -> tuple[Path, Path]:
     folder = Path(hf_home).expanduser() / "bora-gpt2" / name
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     for file in ("config.json", "model.safetensors"):
-        if not (folder / file).is_file():  # a file appears only when complete (_atomic_write): present = done
+        if not (folder / file).is_file():  # a file appears only when complete (atomic_write): present = done
             url = f"{endpoint}/openai-community/{name}/resolve/main/{file}"
-            _atomic_write(folder / file, lambda tmp: _fetch(url, tmp, folder))
+            atomic_write(folder / file, lambda tmp: _fetch(url, tmp, folder))
     return folder / "model.safetensors", folder / "config.json"
 
 
@@ -322,7 +322,7 @@ def _fetch(url: str, into: Path, folder: Path) -> None:
         raise FileNotFoundError(f"download of {url} stopped after {done} of {total} bytes; run again, or {hint}")
 
 
-def _atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
     """write(tmp) into a temp file beside dest, then rename it over dest: dest is never half-written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")

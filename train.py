@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bora import BoRA, LoRAConfig
-from gpt2 import GPT
+from gpt2 import GPT, atomic_write
 from prepare_data import Split, load_meta, load_split
 
 CKPT_FORMAT = "bora-gpt2-ckpt/1"
@@ -226,12 +225,7 @@ def train_step(model: BoRA, forward, opt: torch.optim.Optimizer, x: torch.Tensor
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # an ordinary file: the user's umask applies
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def jsonable(obj):
