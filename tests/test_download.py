@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import write_hf_checkpoint
 
+import gpt2
 from gpt2 import GPT
 
 
@@ -20,7 +21,7 @@ class FakeHub:
     """Serves {url path: bytes}; paths listed in `truncate` promise more bytes than they send."""
 
     def __init__(self, files: dict[str, bytes]):
-        self.files, self.truncate, self.requests = files, set(), []
+        self.files, self.truncate, self.requests, self.headers = files, set(), [], {}
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -33,6 +34,8 @@ class FakeHub:
                 promised = len(body) + 1000 if self.path in hub.truncate else len(body)
                 self.send_response(200)
                 self.send_header("Content-Length", str(promised))
+                for key, value in hub.headers.items():
+                    self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(body[: len(body) // 2] if self.path in hub.truncate else body)
                 self.close_connection = True  # HTTP/1.0: the connection ends here, short or not
@@ -66,8 +69,9 @@ def hub(tiny_hf_dir, tmp_path, monkeypatch):
     hub.stop()
 
 
-def cached(tmp_path: Path) -> Path:
-    return tmp_path / "hf_home" / "bora-gpt2" / "gpt2"
+def cached(tmp_path: Path, revision: str = "main") -> Path:
+    """Where huggingface_hub keeps a snapshot of openai-community/gpt2 (a commit hash when the hub names one)."""
+    return tmp_path / "hf_home" / "hub" / "models--openai-community--gpt2" / "snapshots" / revision
 
 
 def test_download_then_cache(hub, tiny_hf_dir, tmp_path, capsys):
@@ -90,12 +94,13 @@ def test_xdg_cache_home_when_hf_home_is_unset(hub, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     GPT.from_pretrained("gpt2")
-    assert (tmp_path / "xdg" / "huggingface" / "bora-gpt2" / "gpt2" / "model.safetensors").is_file()
+    assert (tmp_path / "xdg" / "huggingface" / "hub" / "models--openai-community--gpt2" / "snapshots" / "main"
+            / "model.safetensors").is_file()
 
 
 def test_interrupted_download_leaves_no_file_then_resumes(hub, tmp_path):
     hub.truncate.add(URL + "model.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors stopped after \d+ of \d+ bytes") as info:
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors \(download stopped after \d+ of \d+ bytes") as info:
         GPT.from_pretrained("gpt2")
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in cached(tmp_path).iterdir()) == ["config.json"]  # no partial or temp file
@@ -123,5 +128,70 @@ def test_no_network_says_what_and_where(hub, tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert f"could not fetch http://127.0.0.1:{port}{URL}config.json" in message
-    assert f"download it by hand into {cached(tmp_path)}/" in message
+    assert f"download it by hand to {cached(tmp_path) / 'config.json'}" in message
     assert not cached(tmp_path).exists() or not any(cached(tmp_path).iterdir())
+
+
+def test_a_gpt2_already_in_the_hugging_face_cache_is_used_without_the_network(hub, tiny_hf_dir, tmp_path):
+    # as transformers leaves it: snapshots/<commit>/ with refs/main naming the commit, under the old repo id "gpt2"
+    snapshot = tmp_path / "hf_home" / "hub" / "models--gpt2" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    hub.stop()
+    model = GPT.from_pretrained("gpt2")
+    assert hub.requests == [] and model.config.n_embd == 32
+
+
+def test_the_commit_the_hub_names_becomes_the_snapshot(hub, tmp_path):
+    hub.headers["X-Repo-Commit"] = "0123abcd"
+    GPT.from_pretrained("gpt2")
+    assert sorted(p.name for p in cached(tmp_path, "0123abcd").iterdir()) == ["config.json", "model.safetensors"]
+    assert (cached(tmp_path).parents[1] / "refs" / "main").read_text() == "0123abcd"
+
+
+def test_dataset_files_are_fetched_at_their_pinned_revision(hub, tmp_path):
+    url = "/datasets/dair-ai/emotion/resolve/feed42/data/train.jsonl.gz"
+    hub.files[url] = b"{}"
+    path = gpt2.hub_file("dair-ai/emotion", "data/train.jsonl.gz", "feed42", kind="dataset")
+    assert hub.requests == [url] and path.read_bytes() == b"{}"
+    assert path == tmp_path / "hf_home" / "hub" / "datasets--dair-ai--emotion" / "snapshots" / "feed42" / "data" / "train.jsonl.gz"
+    assert gpt2.hub_file("dair-ai/emotion", "data/train.jsonl.gz", "feed42", kind="dataset") == path  # cached now
+    assert len(hub.requests) == 1
+
+
+def test_prepare_data_without_arguments_fetches_the_emotion_corpus(hub, tmp_path, monkeypatch):
+    """The default data: dair-ai/emotion's three files at the pinned revision, integer labels named."""
+    import gzip
+    import json
+
+    import prepare_data
+
+    repo, revision, files = prepare_data.EMOTION
+    labels = prepare_data.PRESETS["emotion"]["labels"]
+    for n, file in enumerate(files):
+        rows = [{"text": f"i feel number {i} of {file}", "label": i % 6} for i in range(12 + n)]
+        hub.files[f"/datasets/{repo}/resolve/{revision}/{file}"] = gzip.compress(
+            "".join(json.dumps(r) + "\n" for r in rows).encode())
+    monkeypatch.chdir(tmp_path)
+    prepare_data.main([])
+    meta = prepare_data.load_meta(tmp_path / "data" / "emotion")
+    assert meta["tasks"] == sorted(labels)
+    assert sum(c["docs"] for split in meta["counts"].values() for c in split.values()) == 12 + 13 + 14
+    hub.stop()  # a second preparation needs no network
+    prepare_data.main(["--out", str(tmp_path / "again")])
+    assert prepare_data.load_meta(tmp_path / "again")["fingerprint"] == meta["fingerprint"]
+
+
+def test_prepare_data_offline_says_what_to_fetch_and_where(hub, tmp_path, monkeypatch):
+    import prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main([])
+    message = str(e.value.code)
+    assert message.startswith("error: could not fetch") and "data/train.jsonl.gz" in message
+    assert "download it by hand to" in message and "datasets--dair-ai--emotion" in message and "\n" not in message
+    assert message.endswith(f"snapshots/{prepare_data.EMOTION[1]}/data/train.jsonl.gz")
