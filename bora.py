@@ -1,19 +1,16 @@
 """BoRA: a frozen GPT-2 whose chosen linears carry one LoRA adapter per task, tied by a prior.
 
-The hierarchical prior of BoRA puts every task's adapter θ_d near a shared global mean Θ:
-
-    θ_d ~ N(Θ, τ⁻¹ I)   ⇒   -log p(θ | Θ) = τ/2 · Σ_d ‖θ_d − Θ‖² + const
-
-`penalty()` returns Σ_d ‖θ_d − Θ‖² (over all adapted layers, A and B); train.py weighs it by τ/2.
-τ = 0 gives independent adapters, τ = ∞ one adapter shared by all tasks (`shared=True`: only Θ
-exists). This file joins gpt2.py and lora.py: it routes task ids to the layers, saves and loads
-adapters only, and folds one task's adapter into a plain GPT.
+BoRA's hierarchical prior keeps every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I);
+train.py turns it into the objective. This file joins gpt2.py and lora.py: it routes task ids to
+the adapted layers, measures ‖θ_d − Θ‖, saves and loads adapters and checkpoints, and folds one
+task's adapter into a plain GPT. τ = ∞ is `shared=True`: no task adapters exist, every task uses Θ.
 """
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -22,14 +19,8 @@ import torch.nn as nn
 from gpt2 import GPT
 from lora import GLOBAL, LoRALinear, check_task_ids
 
-# Suffixes of module paths in GPT-2; a bare "c_proj" would be ambiguous (attention's or the MLP's).
-ALLOWED_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
-
-
-def check_targets(targets: Sequence[str]) -> None:
-    for target in targets:
-        if target not in ALLOWED_TARGETS:
-            raise ValueError(f"unknown LoRA target {target!r}: choose from {', '.join(ALLOWED_TARGETS)}")
+TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")  # path suffixes; a bare c_proj would be ambiguous
+CKPT_FORMAT = "bora-gpt2-ckpt/2"
 
 
 @dataclass
@@ -40,16 +31,13 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("c_attn",)
 
     def __post_init__(self) -> None:
-        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        check_targets(self.targets)
-        if len(set(self.targets)) != len(self.targets) or not self.targets:
+        self.targets = tuple(self.targets.split(",") if isinstance(self.targets, str) else self.targets)
+        if unknown := [t for t in self.targets if t not in TARGETS]:
+            raise ValueError(f"unknown LoRA target {unknown[0]!r}: choose from {', '.join(TARGETS)}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
             raise ValueError(f"LoRA targets must be distinct and not empty, got {self.targets}")
-        if self.rank < 1 or not 0.0 <= self.dropout < 1.0:
+        if self.rank < 1 or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA needs rank >= 1 and 0 <= dropout < 1, got rank={self.rank}, dropout={self.dropout}")
-
-
-def _listed(keys: Sequence[str], shown: int = 3) -> str:
-    return ", ".join(keys[:shown]) + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 class BoRA(nn.Module):
@@ -57,29 +45,22 @@ class BoRA(nn.Module):
 
     def __init__(self, gpt: GPT, task_names: Sequence[str], lora: LoRAConfig, shared: bool = False):
         super().__init__()
-        task_names = list(task_names)
-        if not task_names or len(set(task_names)) != len(task_names) or "global" in task_names:
-            raise ValueError(f"task names must be distinct, at least one, and not 'global' (reserved for Θ): {task_names}")
-        check_targets(lora.targets)
-        self.task_names, self.lora, self.shared = task_names, lora, shared
-        self.gpt = gpt.requires_grad_(False)  # freeze the whole base first: only adapters added below train
-        num_adapters = 0 if shared else len(task_names)  # τ = ∞: no task adapters at all, only Θ
-        self.adapted: dict[str, LoRALinear] = {}  # module path -> layer; a plain dict, registered in gpt
-        for target in lora.targets:
-            paths = [p for p, m in gpt.named_modules() if isinstance(m, nn.Linear) and p.endswith("." + target)]
-            if not paths:
-                raise ValueError(f"LoRA target {target!r} matches no nn.Linear of this GPT; "
-                                 f"allowed targets: {', '.join(ALLOWED_TARGETS)}")
-            for path in paths:
-                layer = LoRALinear(gpt.get_submodule(path), num_adapters, lora.rank, lora.alpha, lora.dropout)
+        self.task_names, self.lora, self.shared = list(task_names), lora, shared
+        if not self.task_names or len(set(self.task_names)) != len(self.task_names) or GLOBAL_NAME in self.task_names:
+            raise ValueError(f"task names must be distinct, at least one, and not {GLOBAL_NAME!r}: {self.task_names}")
+        self.gpt = gpt.requires_grad_(False)  # freeze the whole base first: only the adapters below train
+        self.adapted: dict[str, LoRALinear] = {}  # module path -> layer (registered inside gpt, not here)
+        for path, module in list(gpt.named_modules()):
+            if isinstance(module, nn.Linear) and path.endswith(tuple("." + t for t in lora.targets)):
+                layer = LoRALinear(module, 0 if shared else len(task_names), lora.rank, lora.alpha, lora.dropout)
                 parent, _, name = path.rpartition(".")
                 setattr(gpt.get_submodule(parent), name, layer)
                 self.adapted[path] = layer
 
     @contextmanager
     def _routed(self, task_ids: torch.Tensor) -> Iterator[None]:
-        """Give every adapted layer the batch's task ids for one forward; always clear them after,
-        so a later call can never run with stale ids. (Backward needs no ids: autograd kept the gather.)"""
+        """Give every adapted layer the batch's task ids for one forward and always clear them after, so
+        no later call runs with stale ids. (Backward needs no ids: autograd kept the gathered adapters.)"""
         for layer in self.adapted.values():
             layer.task_ids = task_ids
         try:
@@ -92,52 +73,38 @@ class BoRA(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T), task_ids (B,) with -1 = Θ -> logits (B, T, V) and GPT's mean loss (or None)."""
         task_ids = torch.as_tensor(task_ids, device=idx.device)
-        check_task_ids(task_ids, idx.shape[0], len(self.task_names))
+        check_task_ids(task_ids, idx.shape[0], len(self.task_names))  # once here, not in every layer
         if self.shared:
             task_ids = torch.full_like(task_ids, GLOBAL)  # τ = ∞: every task's adapter is Θ
         with self._routed(task_ids):
             return self.gpt(idx, targets)  # gpt2.py's own code path, untouched
 
-    def penalty(self) -> torch.Tensor:
-        """Σ_layers Σ_d ‖θ_d − Θ‖² (A and B): the prior term without τ/2; exactly 0 when shared."""
-        return torch.stack([layer.sq_distances().sum() for layer in self.adapted.values()]).sum()
-
     @torch.no_grad()
     def distances(self) -> torch.Tensor:
-        """‖θ_d − Θ‖ per task over all adapted layers, (D,), for reports; zeros when shared."""
-        if self.shared:
-            return torch.zeros(len(self.task_names), device=next(iter(self.adapted.values())).A0.device)
-        return torch.stack([layer.sq_distances() for layer in self.adapted.values()]).sum(dim=0).sqrt()
-
-    def _adapter_params(self) -> dict[str, nn.Parameter]:
-        # recurse=False: A, B, A0, B0 of each layer, never its frozen base linear
-        return {f"{path}.{name}": p for path, layer in self.adapted.items()
-                for name, p in layer.named_parameters(recurse=False)}
+        """‖θ_d − Θ‖ per task (D,) over all adapted layers, A and B together; zeros when shared."""
+        sq = sum((m.A - m.A0).pow(2).sum((1, 2)) + (m.B - m.B0).pow(2).sum((1, 2)) for m in self.adapted.values())
+        return torch.zeros(len(self.task_names)) if self.shared else sq.sqrt()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the adapter tensors only (keys like 'transformer.h.0.attn.c_attn.A'), never GPT-2."""
-        return {key: p.detach().clone() for key, p in self._adapter_params().items()}
+        """Copies of the adapter tensors only (keys like 'transformer.h.0.attn.c_attn.A'), never GPT-2's."""
+        return {f"{path}.{name}": p.detach().clone() for path, layer in self.adapted.items()
+                for name, p in layer.named_parameters(recurse=False)}  # A, B, A0, B0; not the frozen base
 
-    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load adapters strictly: every key present, no extra key, every shape equal — or nothing loads."""
-        params = self._adapter_params()
-        missing, unexpected = sorted(params.keys() - sd.keys()), sorted(sd.keys() - params.keys())
-        if missing or unexpected:
-            raise ValueError(f"adapter state dict does not fit this BoRA: missing [{_listed(missing)}], "
-                             f"unexpected [{_listed(unexpected)}] (different targets or layers?)")
-        for key, p in params.items():
-            if sd[key].shape != p.shape:
-                raise ValueError(f"adapter {key} has shape {tuple(sd[key].shape)} but this BoRA expects "
-                                 f"{tuple(p.shape)} (different number of tasks, rank, or shared mode?)")
-        with torch.no_grad():
-            for key, p in params.items():
-                p.copy_(sd[key])
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Every adapter tensor and nothing else, or nothing at all; torch's own load checks the shapes."""
+        before = self.adapter_state_dict()
+        try:
+            missing, unexpected = self.gpt.load_state_dict(state, strict=False)
+            if (missing := sorted(set(missing) & before.keys())) or unexpected:
+                raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        except (RuntimeError, ValueError) as e:
+            self.gpt.load_state_dict(before, strict=False)  # undo what did load
+            raise ValueError("adapters do not fit this BoRA (other tasks, targets, rank or layers?): "
+                             + " ".join(str(e).split())) from None
 
     @torch.no_grad()
     def merge(self, task: int) -> GPT:
-        """A new plain GPT (frozen, like the base) with task `task`'s adapter folded in (-1 = Θ).
-
-        An explicit copy: this BoRA is left exactly as it was."""
+        """A new plain, frozen GPT with task `task`'s adapter folded in (-1 = Θ); this BoRA stays as it is."""
         check_task_ids(torch.tensor([task]), 1, len(self.task_names))
         merged = copy.deepcopy(self.gpt)
         for path, layer in self.adapted.items():
@@ -147,14 +114,55 @@ class BoRA(nn.Module):
 
     def task_index(self, name: str) -> int:
         """The task id of a task name; 'global' is the global mean Θ (-1)."""
-        if name == "global":
-            return GLOBAL
-        if name not in self.task_names:
+        if name != GLOBAL_NAME and name not in self.task_names:
             raise ValueError(f"unknown task {name!r}: known tasks are {', '.join(self.task_names)} "
-                             f"(or 'global' for the shared mean)")
-        return self.task_names.index(name)
+                             f"(or {GLOBAL_NAME!r} for the shared mean Θ)")
+        return GLOBAL if name == GLOBAL_NAME else self.task_names.index(name)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, frozen) numbers of parameters; the tied embedding / lm_head counts once."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters()) - trainable
+
+    def checkpoint(self, base_model: str) -> dict:
+        """What load_checkpoint needs to rebuild this model: configs and adapters, never GPT-2 itself."""
+        return {"format": CKPT_FORMAT, "base_model": base_model, "gpt_config": asdict(self.gpt.config),
+                "lora_config": {**asdict(self.lora), "targets": list(self.lora.targets)},
+                "task_names": self.task_names, "shared": self.shared, "adapters": self.adapter_state_dict()}
+
+
+GLOBAL_NAME = "global"  # how users name Θ: `sample.py --task global`
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[BoRA, dict]:
+    """The trained BoRA of a train.py checkpoint (its base GPT-2 + adapters) and the checkpoint's dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py (it writes out/NAME/ckpt.pt)")
+    try:  # a checkpoint is data, not code: weights_only refuses pickled objects
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); use a ckpt.pt written by train.py")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this train.py (format {CKPT_FORMAT!r}); use out/NAME/ckpt.pt")
+    try:
+        gpt = GPT.from_pretrained(ckpt["base_model"])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"the base model of {path} is missing: {e}") from None
+    if asdict(gpt.config) != ckpt["gpt_config"]:
+        raise ValueError(f"{path} was trained on a GPT-2 of {ckpt['gpt_config']}, but {ckpt['base_model']} now has "
+                         f"{asdict(gpt.config)}: the base model changed")
+    model = BoRA(gpt, ckpt["task_names"], LoRAConfig(**ckpt["lora_config"]), shared=ckpt["shared"])
+    model.load_adapter_state_dict(ckpt["adapters"])
+    return model.to(device).eval(), ckpt
+
+
+def pick_device(name: str = "auto") -> str:
+    """auto = cuda > mps > cpu; a device this machine lacks is a one-line error, not a traceback later."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device auto") from None
+    return name

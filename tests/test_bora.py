@@ -9,6 +9,7 @@ import torch
 from bora import BoRA, LoRAConfig
 from gpt2 import GPT, GPTConfig
 from lora import LoRALinear
+from train import prior
 
 TASKS = ["joy", "sadness", "anger"]
 VOCAB = 101
@@ -41,7 +42,7 @@ def test_init_equals_plain_gpt_and_prior_is_zero(gpt):
     logits, loss = bora(idx, torch.tensor([0, 1, 2, -1]), targets)
     plain_logits, plain_loss = plain(idx, targets)
     assert torch.equal(logits, plain_logits) and torch.equal(loss, plain_loss)
-    assert bora.penalty().item() == 0.0
+    assert prior(bora, 2.0).item() == 0.0
     assert torch.equal(bora.distances(), torch.zeros(len(TASKS)))
 
 
@@ -90,7 +91,7 @@ def test_shared_mode_every_task_is_theta(gpt):
     assert not torch.equal(logits[0], plain(idx)[0][0])
     assert all(torch.equal(logits[row], logits[3]) for row in range(3))
     assert torch.equal(bora.merge(1)(idx)[0], bora.merge(-1)(idx)[0])
-    assert bora.penalty().item() == 0.0 and torch.equal(bora.distances(), torch.zeros(len(TASKS)))
+    assert prior(bora, 2.0).item() == 0.0 and torch.equal(bora.distances(), torch.zeros(len(TASKS)))
     # Θ is what trains: a step moves it, and AdamW copes with the empty task tensors
     opt = torch.optim.AdamW([p for p in bora.parameters() if p.requires_grad], lr=1e-2)
     bora(idx, torch.tensor([0, 1, 2, 0]), targets)[1].backward()
@@ -107,15 +108,15 @@ def test_absent_task_gets_zero_likelihood_gradient(gpt):
         assert torch.count_nonzero(layer.A.grad[1]) == 0 and torch.count_nonzero(layer.B.grad[1]) == 0
         assert layer.A.grad[0].abs().max() > 0 and layer.B.grad[2].abs().max() > 0
     bora.zero_grad()
-    bora.penalty().backward()  # only the prior couples the tasks
+    prior(bora, 2.0).backward()  # only the prior couples the tasks
     assert all(layer.A.grad[1].abs().max() > 0 for layer in bora.adapted.values())
 
 
-def test_penalty_and_distances_match_a_hand_sum(gpt):
+def test_prior_and_distances_match_a_hand_sum(gpt):
     bora = randomise_adapters(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "c_fc"))))
     layers = list(bora.adapted.values())
     sq = [sum(((m.A[d] - m.A0) ** 2).sum() + ((m.B[d] - m.B0) ** 2).sum() for m in layers) for d in range(3)]
-    assert torch.allclose(bora.penalty(), sum(sq))
+    assert torch.allclose(prior(bora, 2.0), sum(sq))  # τ/2 · Σ with τ = 2
     assert torch.allclose(bora.distances(), torch.stack(sq).sqrt())
 
 
@@ -126,7 +127,7 @@ def test_theta_map_is_the_mean_of_the_task_adapters(gpt):
     opt = torch.optim.Adam(thetas, lr=0.02)  # the task adapters stay fixed: only Θ moves
     for _ in range(300):
         opt.zero_grad()
-        bora.penalty().backward()
+        prior(bora, 2.0).backward()
         opt.step()
     for m in layers:
         assert torch.allclose(m.A0, m.A.mean(dim=0), atol=1e-4)
@@ -139,7 +140,7 @@ def test_base_weights_unchanged_by_a_training_step(gpt):
     adapters_before = bora.adapter_state_dict()
     opt = torch.optim.AdamW([p for p in bora.parameters() if p.requires_grad], lr=1e-2)
     _, loss = bora(tokens(3), torch.tensor([0, 1, -1]), tokens(3, seed=2))
-    (loss + 0.5 * bora.penalty()).backward()
+    (loss + prior(bora, 1.0)).backward()
     opt.step()
     assert all(torch.equal(v, bora.gpt.state_dict()[k]) for k, v in base_before.items())
     assert not torch.equal(adapters_before["transformer.h.0.attn.c_attn.A"], bora.gpt.transformer.h[0].attn.c_attn.A)
@@ -162,11 +163,11 @@ def test_strict_load_errors(gpt):
     bora = BoRA(gpt, TASKS, LoRAConfig(rank=4))
     sd = bora.adapter_state_dict()
     key = "transformer.h.0.attn.c_attn.A"
-    with pytest.raises(ValueError, match=f"missing \\[{key}\\]"):
+    with pytest.raises(ValueError, match=f"missing \\['{key}'\\]"):
         bora.load_adapter_state_dict({k: v for k, v in sd.items() if k != key})
-    with pytest.raises(ValueError, match="unexpected \\[extra\\]"):
+    with pytest.raises(ValueError, match="unexpected \\['extra'\\]"):
         bora.load_adapter_state_dict({**sd, "extra": torch.zeros(1)})
-    with pytest.raises(ValueError, match=f"{key} has shape \\(2, 4, 32\\) but this BoRA expects \\(3, 4, 32\\)"):
+    with pytest.raises(ValueError, match=f"{key}.*\\[2, 4, 32\\].*\\[3, 4, 32\\]"):  # torch's own shape check
         bora.load_adapter_state_dict({**sd, key: sd[key][:2]})
     bad = {k: v + 1 for k, v in sd.items()}
     bad[key] = sd[key][:2]
@@ -218,16 +219,6 @@ def test_merge_refuses_unknown_task(gpt):
 def test_bad_target_names(target):
     with pytest.raises(ValueError, match=f"unknown LoRA target '{target}': choose from c_attn, attn.c_proj, c_fc, mlp.c_proj"):
         LoRAConfig(targets=(target,))
-
-
-def test_target_that_matches_nothing(gpt):
-    class NoMLP(torch.nn.Module):  # a model without MLP linears: an allowed name can still find nothing
-        def __init__(self, inner: GPT):
-            super().__init__()
-            self.transformer = torch.nn.ModuleDict(dict(h=torch.nn.ModuleList([b.attn for b in inner.transformer.h])))
-
-    with pytest.raises(ValueError, match="LoRA target 'c_fc' matches no nn.Linear.*allowed targets: c_attn"):
-        BoRA(NoMLP(gpt), TASKS, LoRAConfig(targets=("c_fc",)))
 
 
 @pytest.mark.parametrize("names", [[], ["a", "a"], ["a", "global"]])
