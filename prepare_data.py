@@ -1,674 +1,550 @@
-"""Turn a CSV or JSONL corpus into a tokenised multi-task dataset for BoRA on GPT-2.
+"""Turn a corpus into a tokenised multi-task dataset for BoRA on GPT-2, and read it back.
 
-Every row is one document: one column holds its text, another its task (an emotion, a speaker, ...).
-The documents of each task are split train/val/test (50/25/25 by default, seeded), tokenised with
-GPT-2's BPE (tiktoken) as `task prompt + text + <|endoftext|>` and written into one folder:
+Every row is a document: one column holds its text, another its task (an emotion, a speaker, ...).
+Exact duplicate texts within a task are dropped, each task's documents are split train/val/test
+(50/25/25 by default, seeded) and tokenised with GPT-2's BPE as "[task] text<|endoftext|>":
 
-    data/NAME/
-      meta.json               tasks (sorted), docs and tokens per split and task, source file, arguments
-      train/tokens.npy        (n_tokens,) uint16  the split's documents one after another
-      train/offsets.npy       (n_docs + 1,) int64 document i = tokens[offsets[i]:offsets[i + 1]]
-      train/task_ids.npy      (n_docs,) int64     index into meta["tasks"]
-      train/prompt_lens.npy   (n_docs,) int64     leading prompt tokens of each document (not scored)
-      val/...  test/...       the same four arrays
+    data/NAME/meta.json          tasks, docs and tokens per split and task, rows dropped, fingerprint, arguments
+    data/NAME/{train,val,test}/  tokens.npy (uint16, the documents one after another), offsets.npy (n_docs + 1,),
+                                 task_ids.npy and prompt_lens.npy (n_docs,): document i = tokens[offsets[i]:offsets[i+1]]
 
-Usage:
+    python prepare_data.py                                          # dair-ai/emotion, downloaded once
     python prepare_data.py --csv spotify_songs.csv --preset spotify          # the lyrics paper's data
-    python prepare_data.py --csv talk_of_norway.csv --preset talkofnorway   # the BoRA paper's data
+    python prepare_data.py --csv talk_of_norway.csv --preset talkofnorway    # the BoRA paper's data
     python prepare_data.py --jsonl notes.jsonl --text-col body --task-col label --out data/notes
 
-The source is read twice, streaming. The first pass notes only each row's task (4 bytes a row), so
-tasks can be counted and rows chosen without holding any text; the second pass tokenises the chosen
-rows and appends their tokens to the split files. Memory stays small however big the file is.
-The folder appears only when complete (it is written beside the target and renamed).
-
-train.py and eval.py read the folder with `load_meta(data_dir)` and `load_split(data_dir, split)`.
+The source is read twice, streaming: first each row's task and a hash of its text (to count, drop
+duplicates and choose rows without holding any text), then the chosen rows are tokenised.
 """
 from __future__ import annotations
 
 import argparse
-import codecs
 import csv
+import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
 import secrets
 import shutil
 import sys
+import time
 import zlib
 from array import array
-from collections import Counter
-from dataclasses import asdict, dataclass
+from collections import Counter, defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-if TYPE_CHECKING:  # tiktoken is imported where it is used: reading a prepared folder does not need it
-    import tiktoken
+from gpt2 import hub_file
 
-FORMAT = "bora-gpt2-data/1"
-ENCODING = "gpt2"
-SPLITS = ("train", "val", "test")
-PROMPT_FORMAT = "[{task}] "  # what the model reads before each text, e.g. "[sadness] "
-_REMAKE = "re-create it with prepare_data.py (python prepare_data.py --help)"
+FORMAT, ENCODING, SPLITS = "bora-gpt2-data/2", "gpt2", ("train", "val", "test")
+PROMPT = "[{task}]"  # what the model reads before each text (input only, never scored)
+EOT = 50256  # GPT-2's <|endoftext|>: ends every document, and pads batches (padding is never scored)
+REMAKE = "re-create it with prepare_data.py (python prepare_data.py --help)"
 
 
-# ---- Reading a prepared folder (used by train.py and eval.py) ----
-
+# ---- Reading a prepared folder, and scoring models on it (train.py, eval.py) ----
 
 @dataclass
 class Split:
-    """One split of a prepared dataset. `tokens` is memory-mapped; the other arrays are small."""
-
-    tokens: np.ndarray  # (n_tokens,) uint16
-    offsets: np.ndarray  # (n_docs + 1,) int64: document i = tokens[offsets[i]:offsets[i + 1]]
+    tokens: np.ndarray  # (n_tokens,) uint16, memory-mapped
+    offsets: np.ndarray  # (n_docs + 1,) int64
     task_ids: np.ndarray  # (n_docs,) int64: index into meta["tasks"]
-    prompt_lens: np.ndarray  # (n_docs,) int64: leading tokens of each document that are input only
+    prompt_lens: np.ndarray  # (n_docs,) int64: leading tokens that are input only
 
     def __len__(self) -> int:
         return len(self.task_ids)
 
     def document(self, i: int) -> np.ndarray:
-        """Token ids of document i (prompt + text + <|endoftext|>), shape (offsets[i+1] - offsets[i],)."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"document {i} out of range: the split has {len(self)} documents")
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]  # prompt + text + <|endoftext|>
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    """meta.json of a folder written by prepare_data.py, checked for format and encoding."""
-    folder = Path(data_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data folder {folder} does not exist; create it with prepare_data.py --out {folder}")
-    path = folder / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing, so {folder} is not a prepared dataset; {_REMAKE}")
+    path = Path(data_dir) / "meta.json"
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data folder {data_dir} does not exist; create it with prepare_data.py --out {data_dir}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path} cannot be read ({e}); {_REMAKE}") from None
-    for key, expected in (("format", FORMAT), ("encoding", ENCODING)):
-        found = meta.get(key) if isinstance(meta, dict) else None
-        if found != expected:
-            raise ValueError(f"{path} has {key} {found!r}, expected {expected!r}; {_REMAKE}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); {REMAKE}") from None
+    if not isinstance(meta, dict) or (meta.get("format"), meta.get("encoding")) != (FORMAT, ENCODING):
+        raise ValueError(f"{path} is not a {FORMAT} dataset of the {ENCODING} encoding; {REMAKE}")
     return meta
 
 
 def load_split(data_dir: str | os.PathLike, split: str) -> Split:
-    """The arrays of one split ("train", "val" or "test"), with a check of their types and lengths."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     load_meta(data_dir)
-    folder = Path(data_dir) / split
-    arrays = {}
-    for name in ("tokens", "offsets", "task_ids", "prompt_lens"):
-        path = folder / f"{name}.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; {_REMAKE}")
-        try:  # tokens can be large: map them instead of reading them
-            arrays[name] = np.load(path, mmap_mode="r" if name == "tokens" else None, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path} is not a readable .npy file ({e}); {_REMAKE}") from None
-    s, n = Split(**arrays), len(arrays["task_ids"])
-    ok = s.tokens.dtype == np.uint16 and all(a.dtype == np.int64 for a in (s.offsets, s.task_ids, s.prompt_lens))
-    if not ok or s.offsets.shape != (n + 1,) or s.prompt_lens.shape != (n,) or s.offsets[-1] != len(s.tokens):
-        raise ValueError(f"{folder} is inconsistent (its arrays' types or lengths do not match); {_REMAKE}")
-    return s
+    try:  # the tokens can be large: mapped, not read
+        return Split(*(np.load(Path(data_dir, split, f"{name}.npy"), mmap_mode="r" if name == "tokens" else None)
+                       for name in ("tokens", "offsets", "task_ids", "prompt_lens")))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{data_dir}/{split} cannot be read ({e}); {REMAKE}") from None
 
 
-# ---- Settings: argparse fills a Config; the presets only change its defaults ----
+def make_batch(split: Split, doc_ids: list[int], block_size: int, device: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Documents -> inputs x (B, T), targets y (B, T) with -1 where nothing is scored, task ids t (B,).
+
+    x = doc[:-1] and y = doc[1:], cut to block_size and right-padded to the longest row. The target at
+    position j is token j+1, so with a prompt of p tokens the targets j < p-1 are prompt: not scored."""
+    docs = [split.document(i)[:block_size + 1].astype(np.int64) for i in doc_ids]
+    x = np.full((len(docs), max(map(len, docs)) - 1), EOT)
+    y = np.full_like(x, -1)
+    for row, (i, doc) in enumerate(zip(doc_ids, docs)):
+        x[row, :len(doc) - 1], y[row, :len(doc) - 1] = doc[:-1], doc[1:]
+        y[row, :max(split.prompt_lens[i] - 1, 0)] = -1
+    t = torch.as_tensor(split.task_ids[doc_ids])
+    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), t.to(device)
 
 
-@dataclass
-class Config:
-    source: str  # the CSV or JSONL file
-    source_format: str  # "csv" or "jsonl"
-    out: str  # the folder to write
-    preset: str | None = None
-    text_col: str = "text"
-    task_col: str = "task"
-    task_prompt: bool = True  # prefix each document with "[task] "
-    split: tuple[float, float, float] = (0.5, 0.25, 0.25)  # train, val, test fractions of each task
-    seed: int = 42
-    min_chars: int = 0  # drop texts shorter than this
-    drop_small_tasks: bool = False  # drop a task too small to split instead of stopping
-    force: bool = False  # replace an existing output folder
-    tasks: list[str] | None = None  # no preset: keep only these tasks
-    max_docs_per_task: int | None = None  # no preset: sample at most this many documents per task
-    min_task_size: int | None = None  # spotify: keep tasks with at least this many documents ...
-    total: int | None = None  # spotify: ... then sample this many documents in all, keeping the ratios
-    num_tasks: int | None = None  # talkofnorway: the first this many tasks alphabetically ...
-    min_docs: int | None = None  # talkofnorway: ... among those with more than min_docs ...
-    max_docs: int | None = None  # talkofnorway: ... and fewer than max_docs documents
+def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """−log p(y_j | x_≤j) of every target (B, T), 0 where y is -1; in float32 even under autocast."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
 
 
-PRESETS: dict[str, dict] = {
-    # The lyrics paper: Kaggle's "500k+ Spotify songs with lyrics, emotions & more". Emotions with at
-    # least 5000 songs in the whole file, then 4933 songs sampled keeping the emotions' ratio
-    # (the paper's set runs from 50 `surprise` to 1869 `joy` songs).
+@torch.no_grad()
+def evaluate(model, split: Split, num_tasks: int, block_size: int, batch_size: int, device: str,
+             autocast=nullcontext(), label: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token NLL (D,) float64 and scored tokens (D,) int64 per task over a split; progress on stderr."""
+    was_training, started, shown = model.training, time.time(), time.time()
+    model.eval()  # no adapter dropout while measuring
+    nll, tokens = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.int64)
+    for first in range(0, len(split), batch_size):
+        done = min(first + batch_size, len(split))
+        x, y, t = make_batch(split, list(range(first, done)), block_size, device)
+        with autocast:
+            logits, _ = model(x, t)  # (B, T, V)
+        nll.index_add_(0, t.cpu(), token_nll(logits, y).sum(1).double().cpu())  # each row into its task's slot
+        tokens.index_add_(0, t.cpu(), (y != -1).sum(1).cpu())
+        if time.time() - shown > 10 or (done == len(split) and time.time() - started > 10):
+            rate, shown = done / (time.time() - started), time.time()
+            print(f"{label}: {done}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - done) / rate:.0f} s left",
+                  file=sys.stderr, flush=True)
+    model.train(was_training)
+    return nll, tokens
+
+
+def summarise(nll: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Mean log-likelihood per token and perplexity: per task, token-weighted, and averaged over tasks."""
+    ll = (-nll / tokens.clamp(min=1)).tolist()
+    token_ll = -nll.sum().item() / max(tokens.sum().item(), 1)  # every token counts once: big tasks dominate
+    task_ll = sum(ll) / len(ll)  # every task counts once: the papers' tables
+    return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": tokens.tolist(),
+            "ll_token_weighted": token_ll, "ppl_token_weighted": math.exp(-token_ll),
+            "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
+
+
+# ---- Presets: where a corpus comes from and how its tasks are chosen ----
+
+EMOTION = ("dair-ai/emotion", "0f2013aff0f120885b4892bddfe59faafa13a310",  # a revision that has these files
+           ("data/train.jsonl.gz", "data/validation.jsonl.gz", "data/test.jsonl.gz"))
+PRESETS = {
+    # The default: ~20k English tweets (dair-ai/emotion), the lyrics reproduction's six emotions as
+    # integer labels; the dataset card's order: sadness, joy, love, anger, fear, surprise.
+    "emotion": dict(text_col="text", task_col="label", labels=["sadness", "joy", "love", "anger", "fear", "surprise"]),
+    # The lyrics paper (Kaggle, "500k+ Spotify songs"): emotions with at least 5000 songs, then 4933
+    # songs sampled keeping their ratio (50 `surprise` … 1869 `joy`).
     "spotify": dict(text_col="text", task_col="emotion", min_task_size=5000, total=4933),
-    # The BoRA paper: Talk of Norway, one task per speaker. As the paper's code did (its Table A.1
-    # shows the result): speeches of at least 40 characters, speakers with more than 200 and fewer
-    # than 1000 of them, named in lower case without dots, the first 25 names alphabetically
-    # (abid q raja ... borghild tenden), hence 110-477 training speeches per speaker.
+    # The BoRA paper (Talk of Norway), as its code did: speeches of at least 40 characters, speakers
+    # with more than 200 and fewer than 1000 (counted by raw rep_name), named in lower case without
+    # dots, the first 25 names alphabetically.
     "talkofnorway": dict(text_col="text", task_col="rep_name", min_chars=40, min_docs=200, max_docs=1000, num_tasks=25),
 }
-
-# Options that only make sense in one mode; giving them in another is an error, not silently ignored.
-_MODE_OPTIONS = {
-    None: ("tasks", "max_docs_per_task"),
-    "spotify": ("min_task_size", "total"),
-    "talkofnorway": ("num_tasks", "min_docs", "max_docs"),
-}
+DEFAULTS = dict(text_col="text", task_col="task", min_chars=0, labels=None)
+ONLY = {"min_task_size": ("spotify",), "total": ("spotify",), "num_tasks": ("talkofnorway",), "min_docs": ("talkofnorway",),
+        "max_docs": ("talkofnorway",), "tasks": (None, "emotion"), "max_docs_per_task": (None, "emotion")}
 
 
-# ---- Streaming the source file ----
+# ---- Reading the source, row by row ----
 
-
-def check_source(path: Path) -> int:
-    """The source's size in bytes, after checking that it is a non-empty text file."""
+def check_source(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if not path.is_file():
         raise ValueError(f"{path} is not a file")
-    with open(path, "rb") as f:  # an unreadable file raises an OSError naming it and the reason
+    with open_source(path) as f:  # a broken .gz raises gzip's own one-line OSError here
         head = f.read(1 << 16)
     if not head:
         raise ValueError(f"{path} is empty")
     if b"\0" in head:  # never in UTF-8 text; always in binary, compressed or UTF-16 files
         raise ValueError(f"{path} is not a UTF-8 text file (it contains NUL bytes: binary, compressed or UTF-16?)")
-    return path.stat().st_size
 
 
-def read_rows(cfg: Config, stats: Counter) -> Iterator[tuple[str | None, str | None]]:
-    """(text, task) of every non-blank row of the source, in file order; None for a missing value.
-
-    Invalid UTF-8 becomes U+FFFD, counted in stats["invalid_utf8"] by a decoding error handler of
-    our own (counting U+FFFD afterwards would also count the ones the file really contains). CSV rows
-    with fewer fields than the header are skipped and counted in stats["short_rows"].
-    """
-
-    def replace_and_count(err: UnicodeDecodeError) -> tuple[str, int]:
-        stats["invalid_utf8"] += 1
-        return "\ufffd", err.end
-
-    codecs.register_error("prepare_data.count", replace_and_count)
-    read = _csv_rows if cfg.source_format == "csv" else _jsonl_rows
-    return read(Path(cfg.source), (cfg.text_col, cfg.task_col), stats)
+def open_source(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _csv_rows(path: Path, columns: tuple[str, str], stats: Counter) -> Iterator[tuple[str, str]]:
+def read_rows(a: argparse.Namespace, stats: Counter) -> Iterator[tuple[str | None, str | None]]:
+    """(text, task) of every row of every source file, in order; None where a value is missing.
+
+    Invalid UTF-8 becomes U+FFFD, counted in stats["invalid_utf8"] (minus the U+FFFD the file really holds)."""
+    for path in a.sources:
+        with open_source(path) as f:
+            lines = (_decoded(raw, stats) for raw in f)  # bytes split on b"\n" only: CSV fields keep their "\r"
+            rows = _csv_rows(path, lines, a, stats) if a.format == "csv" else _jsonl_rows(path, lines, a)
+            yield from ((text, _label(task, a.labels)) for text, task in rows)
+
+
+def _decoded(raw: bytes, stats: Counter) -> str:
+    line = raw.decode("utf-8", errors="replace")
+    stats["invalid_utf8"] += line.count("\ufffd") - raw.count("\ufffd".encode())
+    return line.removeprefix("\ufeff")  # a byte-order mark
+
+
+def _label(task: str | None, labels: list[str] | None) -> str | None:
+    """The task name of an integer label (the emotion corpus), or the task itself."""
+    if labels is None or task is None:
+        return task
+    if not (task.isdigit() and int(task) < len(labels)):
+        raise ValueError(f"label {task!r} is not one of 0..{len(labels) - 1} ({', '.join(labels)})")
+    return labels[int(task)]
+
+
+def _csv_rows(path: Path, lines: Iterator[str], a: argparse.Namespace, stats: Counter) -> Iterator[tuple]:
     csv.field_size_limit(2**31 - 1)  # real lyrics and speeches exceed the default 128 KiB field limit
-    # newline="" lets the csv module see newlines inside quoted fields; utf-8-sig drops a BOM.
-    with open(path, encoding="utf-8-sig", errors="prepare_data.count", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [name.strip() for name in next(reader, [])]
-            _check_columns(path, columns, header)
-            text_i, task_i = header.index(columns[0]), header.index(columns[1])
-            for row in reader:
-                if len(row) > max(text_i, task_i):
-                    yield row[text_i], row[task_i]
-                elif row:  # not a blank line, a short one
-                    stats["short_rows"] += 1
-        except csv.Error as e:
-            raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+    reader = csv.reader(lines)
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        text_i, task_i = _columns(path, header, a)
+        for row in reader:
+            if len(row) > max(text_i, task_i):
+                yield row[text_i], row[task_i]
+            elif row:  # not a blank line, a short one
+                stats["short"] += 1
+    except csv.Error as e:
+        raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
 
 
-def _jsonl_rows(path: Path, columns: tuple[str, str], stats: Counter) -> Iterator[tuple[str | None, str | None]]:
-    # Bytes split on b"\n" only: JSON allows a stray "\r" where text-mode line splitting would cut.
-    with open(path, "rb") as f:
-        first = True
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="prepare_data.count").removeprefix("\ufeff")  # and a BOM
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                msg = getattr(e, "msg", e)
-                raise ValueError(f"{where}: not valid JSON ({msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(obj).__name__}")
-            if first:  # the first object plays the part of a CSV header
-                _check_columns(path, columns, list(obj))
-                first = False
-            text, task = (obj.get(col) for col in columns)
-            for value in (text, task):
-                if isinstance(value, (list, dict)):
-                    raise ValueError(f"{where}: expected text, found a JSON {type(value).__name__}")
-            # null and NaN are missing values; numbers and booleans are spelled out
-            yield tuple(None if v is None or v != v else str(v) for v in (text, task))
-
-
-def _check_columns(path: Path, columns: tuple[str, str], found: list[str]) -> None:
-    for which, col in zip(("text", "task"), columns):
-        if col not in found:
-            hint = " (is the file comma-separated?)" if len(found) == 1 and any(c in found[0] for c in ";\t|") else ""
-            raise ValueError(f"{path} has no {which} column {col!r}; its columns are: {_preview(found)}{hint}; "
-                             f"choose one with --{which}-col")
-
-
-def _preview(names: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(n[:40]) for n in names[:limit]) or "(none)"
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _is_blank(value: str | None) -> bool:
-    """True for missing values: None, "", whitespace, and "nan" as pandas writes a missing cell."""
-    if value is None or value == "" or value.isspace():  # isspace() stops at the first letter: cheap on long texts
-        return True
-    return len(value) < 16 and value.strip().lower() == "nan"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ---- Pass 1: which row belongs to which task ----
-
-
-def index_rows(cfg: Config) -> tuple[list[str], np.ndarray, dict]:
-    """Read the source once, keeping only the task of each usable row (4 bytes a row, no text).
-
-    Returns the task names in order of first appearance, each row's index into them ((n_rows,) int32,
-    -1 for a dropped row) and a report of the rows read, usable and dropped (meta.json's "rows").
-    """
-    stats: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
-    ids: dict[str, int] = {}
-    row_task = array("i")
-    for text, task in read_rows(cfg, stats):
-        if _is_blank(text):
-            dropped["empty text"] += 1
-        elif _is_blank(task):
-            dropped["no task"] += 1
-        elif len(text) < cfg.min_chars:
-            dropped[f"text shorter than {cfg.min_chars} characters"] += 1
-        else:
-            # Talk of Norway's names as the paper's code wrote them: "Abid Q. Raja" -> "abid q raja"
-            name = task.strip().lower().replace(".", "") if cfg.preset == "talkofnorway" else task.strip()
-            row_task.append(ids.setdefault(name, len(ids)))
+def _jsonl_rows(path: Path, lines: Iterator[str], a: argparse.Namespace) -> Iterator[tuple]:
+    first = True
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
-        row_task.append(-1)
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({getattr(e, 'msg', e)}); "
+                             "each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, found {type(row).__name__}")
+        if first:
+            _columns(path, list(row), a)  # the first object plays the part of a CSV header
+            first = False
+        values = [row.get(a.text_col), row.get(a.task_col)]
+        if bad := [v for v in values if isinstance(v, (list, dict))]:
+            raise ValueError(f"{path}, line {number}: expected text, found a JSON {type(bad[0]).__name__}")
+        yield tuple(None if v is None or v != v else str(v) for v in values)  # null and NaN are missing
+
+
+def _columns(path: Path, header: list[str], a: argparse.Namespace) -> tuple[int, int]:
+    for which, col in (("text", a.text_col), ("task", a.task_col)):
+        if col not in header:
+            hint = " (is the file comma-separated?)" if len(header) == 1 and any(c in header[0] for c in ";\t|") else ""
+            shown = ", ".join(repr(h[:40]) for h in header[:20]) or "(none)"
+            raise ValueError(f"{path} has no {which} column {col!r}; its columns are: {shown}{hint}; "
+                             f"choose one with --{which}-col")
+    return header.index(a.text_col), header.index(a.task_col)
+
+
+def blank(value: str | None) -> bool:
+    """Missing: None, "", only whitespace, or "nan" as pandas writes a missing cell."""
+    return value is None or value == "" or value.isspace() or (len(value) < 8 and value.strip().lower() == "nan")
+
+
+# ---- Pass 1: every row's task, then which tasks, rows and splits to use ----
+
+def index_rows(a: argparse.Namespace) -> tuple[list[str], np.ndarray, dict]:
+    """Task names (in order of appearance), each row's index into them ((n_rows,) int32, -1 for a dropped
+    row) and a report of the rows read, usable and dropped. Only a hash of each text is kept."""
+    stats, dropped, ids, seen, row_task = Counter(), Counter(), {}, set(), array("i")
+    for text, task in read_rows(a, stats):
+        reason = ("empty text" if blank(text) else "no task" if blank(task)
+                  else f"text shorter than {a.min_chars} characters" if len(text) < a.min_chars else None)
+        if reason is None:
+            task = task.strip()
+            key = hashlib.blake2b(f"{task}\0{text}".encode(), digest_size=8).digest()
+            reason = "exact duplicate of an earlier text of its task" if key in seen else None
+            seen.add(key)
+        dropped[reason] += reason is not None
+        row_task.append(-1 if reason else ids.setdefault(task, len(ids)))
+    del dropped[None]
     usable = len(row_task) - sum(dropped.values())
-    if stats["short_rows"]:
-        dropped["fewer fields than the header"] = stats["short_rows"]
-    read = len(row_task) + stats["short_rows"]
-    rows = {"read": read, "usable": usable, "dropped": dict(dropped), "invalid_utf8_replaced": stats["invalid_utf8"]}
-    return list(ids), np.array(row_task, dtype=np.int32), rows
-
-
-# ---- Choosing tasks, documents and splits ----
-
-
-def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
-    """Integers proportional to `weights` that add up to `total` (the largest remainder method).
-
-    Each share gets the floor of its exact quota total·w/Σw; the units left over go to the largest
-    fractional parts, ties to the earlier weight. Exact fractions, so no rounding error decides.
-    """
-    whole = sum(Fraction(w) for w in weights)
-    quotas = [Fraction(w) * total / whole for w in weights]
+    if stats["short"]:
+        dropped["fewer fields than the header"] = stats["short"]
+    return list(ids), np.array(row_task, dtype=np.int32), {"read": len(row_task) + stats["short"], "usable": usable,
+                                                            "dropped": dict(dropped), "invalid_utf8_replaced": stats["invalid_utf8"]}
+def largest_remainder(total: int, weights: list[float]) -> list[int]:
+    """Integers proportional to weights that add up to total: floors of the exact quotas, then the
+    leftover units to the largest fractional parts (ties to the earlier weight). Exact fractions."""
+    quotas = [Fraction(w) * total / sum(map(Fraction, weights)) for w in weights]
     shares = [math.floor(q) for q in quotas]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (shares[i] - quotas[i], i))
-    for i in by_remainder[: total - sum(shares)]:
+    for i in sorted(range(len(weights)), key=lambda i: (shares[i] - quotas[i], i))[:total - sum(shares)]:
         shares[i] += 1
     return shares
 
 
-def min_docs_to_split(fractions: Sequence[float]) -> int:
-    """The fewest documents a task needs so that every split with a positive fraction gets one."""
-    n = 1
-    while any(size == 0 for size, f in zip(largest_remainder(n, fractions), fractions) if f > 0):
-        n += 1
-    return n
-
-
-def choose_tasks(counts: dict[str, int], cfg: Config) -> dict[str, int]:
-    """{task: number of documents to use} for the tasks this preset (or --tasks) selects."""
-    col = cfg.task_col
-    if cfg.preset == "spotify":
-        kept = {t: n for t, n in sorted(counts.items()) if n >= cfg.min_task_size}
+def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[str, int], dict[str, str]]:
+    """({task: documents to use}, {name in the source: task}) for the tasks the preset or --tasks selects."""
+    if a.preset == "spotify":
+        kept = {t: n for t, n in sorted(counts.items()) if n >= a.min_task_size}
         if not kept:
-            top, n = max(counts.items(), key=lambda item: item[1], default=("none", 0))
-            raise ValueError(f"no {col!r} value has at least {cfg.min_task_size} documents (the largest, {top!r}, "
+            top, n = max(counts.items(), key=lambda item: item[1])
+            raise ValueError(f"no {a.task_col!r} value has at least {a.min_task_size} documents (the largest, {top!r}, "
                              f"has {n}); is this the Spotify lyrics file? lower the threshold with --min-task-size")
-        if cfg.total > sum(kept.values()):
-            raise ValueError(f"--total {cfg.total} is more than the {sum(kept.values())} documents of the kept tasks")
-        return dict(zip(kept, largest_remainder(cfg.total, list(kept.values()))))
-    if cfg.preset == "talkofnorway":
-        eligible = sorted(t for t, n in counts.items() if cfg.min_docs < n < cfg.max_docs)
-        if not eligible:
-            raise ValueError(f"no {col!r} value has more than {cfg.min_docs} and fewer than {cfg.max_docs} texts of "
-                             f"at least {cfg.min_chars} characters; is this the Talk of Norway file? "
-                             f"adjust --min-docs/--max-docs")
-        if len(eligible) < cfg.num_tasks:
-            warn(f"only {len(eligible)} tasks have between {cfg.min_docs} and {cfg.max_docs} documents; using them all")
-        return {t: counts[t] for t in eligible[: cfg.num_tasks]}
-    names = sorted(counts) if cfg.tasks is None else cfg.tasks
-    unknown = [t for t in names if t not in counts]
-    if unknown:
-        raise ValueError(f"no usable documents of task(s) {_preview(unknown)} in {col!r}; "
-                         f"its tasks are: {_preview(sorted(counts))}")
-    return {t: min(cfg.max_docs_per_task or counts[t], counts[t]) for t in names}
+        if a.total > sum(kept.values()):
+            raise ValueError(f"--total {a.total} is more than the {sum(kept.values())} documents of the kept tasks")
+        return dict(zip(kept, largest_remainder(a.total, list(kept.values())))), {t: t for t in kept}
+    if a.preset == "talkofnorway":
+        # counted by the raw name, then named as the paper's code did: "Abid Q. Raja" -> "abid q raja"
+        task_of = {raw: raw.lower().replace(".", "") for raw, n in counts.items() if a.min_docs < n < a.max_docs}
+        raws = defaultdict(list)
+        for raw, task in task_of.items():
+            raws[task].append(raw)
+        for task, names in raws.items():
+            if len(names) > 1:
+                warn(f"speakers {', '.join(map(repr, names))} all become {task!r}: their speeches form one task")
+        if not raws:
+            raise ValueError(f"no {a.task_col!r} value has more than {a.min_docs} and fewer than {a.max_docs} texts of "
+                             f"at least {a.min_chars} characters; is this the Talk of Norway file? adjust --min-docs/--max-docs")
+        if len(raws) < a.num_tasks:
+            warn(f"only {len(raws)} tasks have between {a.min_docs} and {a.max_docs} documents; using them all")
+        chosen = sorted(raws)[:a.num_tasks]
+        return {t: sum(counts[raw] for raw in raws[t]) for t in chosen}, {raw: t for t in chosen for raw in raws[t]}
+    names = a.tasks or sorted(counts)
+    if unknown := [t for t in names if t not in counts]:
+        raise ValueError(f"no usable documents of task(s) {', '.join(map(repr, unknown[:20]))} in {a.task_col!r}; "
+                         f"its tasks are: {', '.join(map(repr, sorted(counts)[:20]))}")
+    return {t: min(a.max_docs_per_task or counts[t], counts[t]) for t in names}, {t: t for t in names}
 
 
-def drop_unsplittable(take: dict[str, int], cfg: Config) -> dict[str, int]:
-    """Stop on (or, with --drop-small-tasks, leave out) tasks with too few documents to split."""
-    need = min_docs_to_split(cfg.split)
-    small = {t: n for t, n in take.items() if n < need}
-    how = f"fewer than the {need} documents needed to split " + "/".join(f"{f:g}" for f in cfg.split)
-    if small and not cfg.drop_small_tasks:
-        listed = ", ".join(f"{t!r} ({n})" for t, n in list(small.items())[:5])
-        raise ValueError(f"task(s) {listed} have {how}; add --drop-small-tasks to leave them out")
+def assign_splits(names: list[str], row_task: np.ndarray, take: dict[str, int], task_of: dict[str, str],
+                  a: argparse.Namespace) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(the tasks, sorted; each row's index into them; each row's split 0/1/2 = train/val/test), -1 if unused.
+
+    Each task draws its documents and splits with a generator seeded from --seed and its own name, so
+    they do not depend on which other tasks are chosen."""
+    need = next(n for n in itertools.count(1) if all(k for k, f in zip(largest_remainder(n, a.split), a.split) if f))
+    how = f"fewer than the {need} documents needed to split " + "/".join(f"{f:g}" for f in a.split)
+    if (small := {t: n for t, n in take.items() if n < need}) and not a.drop_small_tasks:
+        raise ValueError(f"task(s) {', '.join(f'{t!r} ({n})' for t, n in list(small.items())[:5])} have {how}; "
+                         "add --drop-small-tasks to leave them out")
     for t, n in small.items():
         warn(f"dropped task {t!r}: {n} document(s), {how}")
-    if len(small) == len(take):
+    if not (tasks := sorted(set(take) - set(small))):
         raise ValueError(f"every task has {how}")
-    return {t: n for t, n in take.items() if t not in small}
-
-
-def assign_splits(names: list[str], row_task: np.ndarray, take: dict[str, int], cfg: Config) -> np.ndarray:
-    """(n_rows,) int8: the split of every chosen row (0 train, 1 val, 2 test), -1 for the others.
-
-    Each task has its own generator, seeded from --seed and the task's name, so a task's documents and
-    splits do not depend on which other tasks are chosen.
-    """
+    index = {t: i for i, t in enumerate(tasks)}  # dict lookups: linear in the number of tasks
+    row_final = np.array([index.get(task_of.get(n), -1) for n in names] + [-1])[row_task]  # row_task -1 picks the last
     row_split = np.full(len(row_task), -1, dtype=np.int8)
-    # Rows grouped by task without a pass over all rows per task: a stable sort, then the group ends.
-    order = np.argsort(row_task, kind="stable")  # dropped rows (-1) first, then task 0, task 1, ...
-    ends = np.cumsum(np.bincount(row_task + 1, minlength=len(names) + 1))  # (num_tasks + 1,)
-    for t, name in enumerate(names):
-        if name in take:
-            rows = order[ends[t] : ends[t + 1]]  # this task's rows, in file order
-            rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode("utf-8"))])
-            chosen = rng.permutation(rows)[: take[name]]  # a uniformly random subset, in random order
-            bounds = np.cumsum([0, *largest_remainder(take[name], cfg.split)])
-            for s in range(len(SPLITS)):
-                row_split[chosen[bounds[s] : bounds[s + 1]]] = s
-    return row_split
+    order = np.argsort(row_final, kind="stable")  # rows grouped by task, each group in file order
+    ends = np.cumsum(np.bincount(row_final + 1, minlength=len(tasks) + 1))  # unused rows (-1) first
+    for i, task in enumerate(tasks):
+        rng = np.random.default_rng([a.seed, zlib.crc32(task.encode("utf-8"))])
+        chosen = rng.permutation(order[ends[i]:ends[i + 1]])[:take[task]]  # a uniformly random subset
+        for s, part in enumerate(np.split(chosen, np.cumsum(largest_remainder(take[task], a.split))[:-1])):
+            row_split[part] = s
+    return tasks, row_final, row_split
 
 
-# ---- Pass 2: tokenise the chosen rows and write the split arrays ----
+# ---- Pass 2: tokenise the chosen rows into the split files ----
 
-
-def gpt2_encoding() -> "tiktoken.Encoding":
+def gpt2_encoding():
     """tiktoken's GPT-2 encoding, or a one-line error saying how to make it available offline."""
     try:
         import tiktoken
-
         return tiktoken.get_encoding(ENCODING)  # 50257 ids: they fit uint16
-    except Exception as e:  # import error, no network, no cache: all mean the same to the user
-        raise ValueError(f"cannot load tiktoken's {ENCODING!r} encoding ({type(e).__name__}); install tiktoken "
-                         f"and allow network access once, or set TIKTOKEN_CACHE_DIR to a folder of its files") from None
+    except Exception as e:  # not installed, no network, no cache: all mean the same to the user
+        raise ValueError(f"cannot load tiktoken's {ENCODING!r} encoding ({type(e).__name__}); install tiktoken and "
+                         "allow network access once, or set TIKTOKEN_CACHE_DIR to a folder of its files") from None
 
 
-def encode_prompt(enc: "tiktoken.Encoding", task: str) -> list[int]:
-    """The prompt tokens of a task: "[sadness]".
-
-    The prompt's trailing space is tokenised with the text (" " + text), because GPT-2's tokenizer
-    joins a space to the word after it; the result equals encoding prompt + text in one go, since
-    the tokenizer always cuts after "]" when a space follows. So prompt_len counts exactly "[task]".
-    """
-    return enc.encode_ordinary(PROMPT_FORMAT.format(task=task).rstrip(" "))
+def prompt_ids(enc, task: str | None) -> list[int]:
+    return enc.encode_ordinary(PROMPT.format(task=task)) if task is not None else []
 
 
-def body_text(text: str, task_prompt: bool) -> str:
-    """What is tokenised after the prompt: the text, led by the prompt's space (see encode_prompt)."""
-    return " " + text if task_prompt else text
+def encode_document(enc, text: str, task: str | None) -> tuple[list[int], int]:
+    """(ids, prompt_len) of one document as the split files hold it; task=None: no prompt.
+
+    "[task]" and " " + text are tokenised apart. GPT-2's tokenizer joins a space to the word after it
+    and always cuts after "]", so this equals tokenising "[task] text" at once, and prompt_len counts
+    exactly "[task]". A literal "<|endoftext|>" in a text stays text; the real one is added here."""
+    prompt = prompt_ids(enc, task)
+    return prompt + enc.encode_ordinary(" " + text if prompt else text) + [enc.eot_token], len(prompt)
 
 
-def encode_document(enc: "tiktoken.Encoding", text: str, task: str | None) -> tuple[list[int], int]:
-    """(ids, prompt_len) of one document exactly as write_splits stores it; task=None: no prompt.
-
-    encode_ordinary reads a literal "<|endoftext|>" in a text as text; the real end-of-text id is added here.
-    """
-    prompt = encode_prompt(enc, task) if task is not None else []
-    return prompt + enc.encode_ordinary(body_text(text, task is not None)) + [enc.eot_token], len(prompt)
-
-
-class SplitWriter:
-    """Appends one split's documents to a raw token file; the per-document arrays stay in memory."""
-
-    def __init__(self, folder: Path, num_tasks: int):
-        folder.mkdir()
-        self.folder, self.raw = folder, open(folder / "tokens.raw", "wb")
-        self.offsets, self.task_ids, self.prompt_lens = array("q", [0]), array("q"), array("q")
-        self.docs = np.zeros(num_tasks, dtype=np.int64)  # (num_tasks,)
-        self.tokens = np.zeros(num_tasks, dtype=np.int64)  # (num_tasks,)
-
-    def add(self, ids: list[int], task: int, prompt_len: int) -> None:
-        self.raw.write(np.array(ids, dtype="<u2").tobytes())
-        self.offsets.append(self.offsets[-1] + len(ids))
-        self.task_ids.append(task)
-        self.prompt_lens.append(prompt_len)
-        self.docs[task] += 1
-        self.tokens[task] += len(ids)
-
-    def finish(self) -> None:
-        """Write the four .npy files. tokens.npy = an .npy header + the raw file, copied in chunks."""
-        self.raw.close()
-        header = {"descr": "<u2", "fortran_order": False, "shape": (self.offsets[-1],)}
-        with open(self.folder / "tokens.npy", "wb") as out, open(self.folder / "tokens.raw", "rb") as raw:
-            np.lib.format.write_array_header_1_0(out, header)
-            shutil.copyfileobj(raw, out, 1 << 20)
-        (self.folder / "tokens.raw").unlink()
-        for name in ("offsets", "task_ids", "prompt_lens"):
-            np.save(self.folder / f"{name}.npy", np.array(getattr(self, name), dtype=np.int64))
-
-
-_BATCH_DOCS = 1024  # documents tokenised together (threads inside tiktoken)
-_THREADS = min(8, os.cpu_count() or 1)
-
-
-def write_splits(cfg: Config, new_task: np.ndarray, row_split: np.ndarray, tasks: list[str], folder: Path,
-                 enc: "tiktoken.Encoding") -> list[SplitWriter]:
-    """Read the source again and append each chosen row, tokenised, to its split's files in `folder`.
-
-    new_task (n_rows,): each row's index into `tasks`; row_split (n_rows,): its split, -1 if unused.
-    """
-    prompts = [encode_prompt(enc, t) if cfg.task_prompt else [] for t in tasks]
-    writers = [SplitWriter(folder / name, len(tasks)) for name in SPLITS]
+def write_splits(a: argparse.Namespace, row_final: np.ndarray, row_split: np.ndarray, tasks: list[str],
+                 folder: Path, enc) -> dict:
+    """Read the source again, tokenise each chosen row into its split, write the arrays; return the counts."""
+    prompts = [prompt_ids(enc, t if a.task_prompt else None) for t in tasks]
+    parts = {s: ([], [], []) for s in range(len(SPLITS))}  # split -> (documents' tokens, task ids, prompt lengths)
     batch: list[tuple[int, int, str]] = []  # (split, task, text)
 
-    def flush() -> None:
-        # the batched form of encode_document: tiktoken's threads tokenise many documents at once
-        texts = [body_text(text, cfg.task_prompt) for _, _, text in batch]
-        for (s, t, _), body in zip(batch, enc.encode_ordinary_batch(texts, num_threads=_THREADS)):
-            writers[s].add(prompts[t] + body + [enc.eot_token], t, len(prompts[t]))
+    def flush() -> None:  # the batched form of encode_document: tiktoken's threads tokenise many at once
+        bodies = enc.encode_ordinary_batch([" " + text if a.task_prompt else text for _, _, text in batch], num_threads=8)
+        for (s, t, _), body in zip(batch, bodies):
+            for values, value in zip(parts[s], (np.array(prompts[t] + body + [enc.eot_token], np.uint16), t, len(prompts[t]))):
+                values.append(value)
         batch.clear()
 
-    try:  # .tolist(): Python ints are faster to look up row by row than numpy scalars
-        for s, t, (text, _) in zip(row_split.tolist(), new_task.tolist(), read_rows(cfg, Counter())):
-            if s >= 0:
-                batch.append((s, t, text))
-                if len(batch) >= _BATCH_DOCS:
-                    flush()
-        flush()
-        for w in writers:
-            w.finish()
-    finally:
-        for w in writers:
-            w.raw.close()
-    return writers
+    for s, t, (text, _) in zip(row_split.tolist(), row_final.tolist(), read_rows(a, Counter())):
+        if s >= 0:
+            batch.append((s, t, text))
+            if len(batch) >= 1024:
+                flush()
+    flush()
+    counts = {}
+    for s, (docs, task_ids, prompt_lens) in parts.items():
+        lengths, task_ids = np.array([len(d) for d in docs], np.int64), np.array(task_ids, np.int64)
+        arrays = dict(tokens=np.concatenate(docs or [np.zeros(0, np.uint16)]), offsets=np.concatenate([[0], lengths.cumsum()]),
+                      task_ids=task_ids, prompt_lens=np.array(prompt_lens, np.int64))
+        (folder / SPLITS[s]).mkdir()
+        for name, array_ in arrays.items():
+            np.save(folder / SPLITS[s] / f"{name}.npy", array_)
+        n_docs, n_tokens = np.bincount(task_ids, minlength=len(tasks)), np.bincount(task_ids, lengths, len(tasks))
+        counts[SPLITS[s]] = {t: {"docs": int(n_docs[i]), "tokens": int(n_tokens[i])} for i, t in enumerate(tasks)}
+    return counts
 
 
-# ---- The output folder: written beside the target, renamed into place only when complete ----
+def fingerprint(folder: Path, tasks: list[str]) -> str:
+    """sha256 of the task names and every split array: which document went where, whatever decided it."""
+    digest = hashlib.sha256(json.dumps(tasks).encode())
+    for path in sorted(folder.glob("*/*.npy")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
-def check_out_folder(out: Path, force: bool) -> None:
-    if out.exists() and not force:
+# ---- The whole run: the folder appears only when complete ----
+
+def prepare(a: argparse.Namespace) -> dict:
+    out = Path(a.out)
+    if out.exists() and not a.force:
         raise ValueError(f"{out} already exists; add --force to replace it")
-    # --force replaces datasets, never an arbitrary folder given by mistake (say, --out .)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
         raise ValueError(f"refusing to replace {out}: it is not a folder written by prepare_data.py (no meta.json)")
+    if a.sources is None:  # the default corpus, fetched once into the Hugging Face cache
+        a.sources = [hub_file(EMOTION[0], file, EMOTION[1], kind="dataset") for file in EMOTION[2]]
+    for path in a.sources:
+        check_source(path)
+    enc = gpt2_encoding()
+    names, row_task, rows = index_rows(a)  # pass 1
+    counts = dict(zip(names, np.bincount(row_task[row_task >= 0], minlength=len(names)).tolist()))
+    print(f"read {rows['read']:,} rows of {', '.join(p.name for p in a.sources)}: {rows['usable']:,} usable, {len(counts):,} tasks")
+    if rows["invalid_utf8_replaced"]:
+        warn(f"replaced {rows['invalid_utf8_replaced']} invalid UTF-8 sequence(s) with U+FFFD")
+    for reason, n in rows["dropped"].items():
+        warn(f"dropped {n} row(s): {reason}")
+    if not counts:
+        raise ValueError(f"{a.sources[0]} has no usable rows (texts in {a.text_col!r}, tasks in {a.task_col!r})")
+    tasks, row_final, row_split = assign_splits(names, row_task, *choose_tasks(counts, a), a)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # hidden, beside the target
+    tmp.mkdir()
+    try:
+        meta = {"format": FORMAT, "encoding": ENCODING, "tasks": tasks, "task_prompt": a.task_prompt,
+                "counts": write_splits(a, row_final, row_split, tasks, tmp, enc), "rows": rows,  # pass 2
+                "fingerprint": fingerprint(tmp, tasks), "sources": [str(p) for p in a.sources],
+                "args": {k: v for k, v in vars(a).items() if k != "sources"}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        publish(tmp, out)
+    except BaseException:  # Ctrl-C included: never a half-written folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(table(meta))
+    print(f"wrote {out}")
+    return meta
 
 
 def publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`; an old `out` is removed only after the new one is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
+    """Move the finished folder into place; an old one is removed only once the new one is there."""
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-    os.rename(out, old)
+    if out.exists():
+        os.rename(out, old)
     try:
         os.rename(tmp, out)
     except BaseException:
-        os.rename(old, out)
+        if old.exists():
+            os.rename(old, out)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def table(meta: dict) -> str:
+    """Documents and tokens per task and split, and their totals."""
+    width = max(len(t) for t in [*meta["tasks"], "task"])
+    lines = [f"{'task':<{width}}" + "".join(f"{s + ' docs':>12}{s + ' tokens':>14}" for s in SPLITS)]
+    for t in [*meta["tasks"], "all"]:
+        cells = [[c[k] for task, c in meta["counts"][s].items() if t in (task, "all")] for s in SPLITS for k in ("docs", "tokens")]
+        lines.append(f"{t:<{width}}" + "".join(f"{sum(c):>{12 if i % 2 == 0 else 14},}" for i, c in enumerate(cells)))
+    return "\n".join(lines)
 
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def prepare(cfg: Config) -> dict:
-    """Read, select, split, tokenise and write the dataset folder; return its meta.json contents."""
-    source, out = Path(cfg.source), Path(cfg.out)
-    check_out_folder(out, cfg.force)  # fail before reading a large file, not after
-    size = check_source(source)
-    enc = gpt2_encoding()
-
-    names, row_task, rows = index_rows(cfg)  # pass 1
-    counts = dict(zip(names, np.bincount(row_task[row_task >= 0], minlength=len(names)).tolist()))
-    print(f"read {rows['read']:,} rows of {source.name}: {rows['usable']:,} usable, {len(counts):,} tasks")
-    if rows["invalid_utf8_replaced"]:
-        warn(f"replaced {rows['invalid_utf8_replaced']} invalid UTF-8 sequence(s) with U+FFFD")
-    for reason, n in rows["dropped"].items():
-        warn(f"dropped {n} row(s): {reason}")
-    if not counts:
-        raise ValueError(f"{source} has no usable rows (texts in {cfg.text_col!r}, tasks in {cfg.task_col!r})")
-
-    take = drop_unsplittable(choose_tasks(counts, cfg), cfg)
-    tasks = sorted(take)
-    row_split = assign_splits(names, row_task, take, cfg)
-    # each row's index into the sorted `tasks` (-1 if unused); the extra -1 is what row_task == -1 picks
-    new_id = np.array([tasks.index(n) if n in take else -1 for n in names] + [-1])  # (len(names) + 1,)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # hidden, beside the target
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the published folder
-    try:
-        writers = write_splits(cfg, new_id[row_task], row_split, tasks, tmp, enc)  # pass 2
-        counts = {
-            split: {t: {"docs": int(w.docs[i]), "tokens": int(w.tokens[i])} for i, t in enumerate(tasks)}
-            for split, w in zip(SPLITS, writers)
-        }
-        meta = {"format": FORMAT, "tasks": tasks, "encoding": ENCODING, "task_prompt": cfg.task_prompt,
-                "prompt_format": PROMPT_FORMAT if cfg.task_prompt else "", "counts": counts,
-                "source": {"name": source.name, "size": size, "sha256": sha256_of(source)},
-                "rows": rows, "args": asdict(cfg)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        publish(tmp, out)
-    except BaseException:  # Ctrl-C included: never leave a half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(format_table(meta))
-    print(f"wrote {out}")
-    return meta
-
-
-def format_table(meta: dict) -> str:
-    """Documents and tokens per task and split, with a total row."""
-    tasks, counts = meta["tasks"], meta["counts"]
-    width = max(len(t) for t in [*tasks, "task", "all"])
-    lines = [f"{'task':<{width}}" + "".join(f"{s + ' docs':>12}{s + ' tokens':>14}" for s in SPLITS)]
-    for t in tasks:
-        cells = "".join(f"{counts[s][t]['docs']:>12,}{counts[s][t]['tokens']:>14,}" for s in SPLITS)
-        lines.append(f"{t:<{width}}" + cells)
-    total = {s: [sum(c[k] for c in counts[s].values()) for k in ("docs", "tokens")] for s in SPLITS}
-    lines.append(f"{'all':<{width}}" + "".join(f"{total[s][0]:>12,}{total[s][1]:>14,}" for s in SPLITS))
-    return "\n".join(lines)
-
-
 # ---- Command line ----
 
-
-def _positive_int(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return int(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--csv", metavar="PATH", help="a CSV file with a header row")
-    source.add_argument("--jsonl", metavar="PATH", help="a file with one JSON object per line")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a paper's columns and task selection")
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage block
+    positive = lambda text: int(text) if text.isdigit() and int(text) > 0 else p.error(f"expected a positive integer, got {text}")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--csv", type=Path, metavar="PATH", help="a CSV file with a header row")
+    source.add_argument("--jsonl", type=Path, metavar="PATH", help="a file of one JSON object per line (.gz too)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a paper's columns and task selection; without a file: emotion")
     p.add_argument("--text-col", metavar="COL", help="column with the document text (default: text, or the preset's)")
     p.add_argument("--task-col", metavar="COL", help="column with the task name (default: task, or the preset's)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<preset or file name>)")
-    p.add_argument("--split", metavar="F,F,F", default="0.5,0.25,0.25", help="train,val,test fractions per task")
-    p.add_argument("--seed", metavar="N", type=int, default=42, help="seed of sampling and splits")
-    p.add_argument("--no-task-prompt", action="store_true", help='do not prefix documents with "[task] "')
+    p.add_argument("--split", metavar="F,F,F", default="0.5,0.25,0.25", help="train,val,test fractions of every task")
+    p.add_argument("--seed", metavar="N", type=int, default=42, help="seed of the sampling and the splits")
+    p.add_argument("--no-task-prompt", dest="task_prompt", action="store_false", help='no "[task]" before each text')
     p.add_argument("--min-chars", metavar="N", type=int, help="drop shorter texts (talkofnorway: 40)")
     p.add_argument("--drop-small-tasks", action="store_true", help="leave out tasks too small to split, do not stop")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    g = p.add_argument_group("without a preset")
-    g.add_argument("--tasks", metavar="A,B,...", help="comma-separated task names to keep (default: every task)")
-    g.add_argument("--max-docs-per-task", metavar="N", type=_positive_int, help="sample at most N documents per task")
-    g = p.add_argument_group("--preset spotify")
-    g.add_argument("--min-task-size", metavar="N", type=_positive_int, help="keep tasks with >= N documents (5000)")
-    g.add_argument("--total", metavar="N", type=_positive_int, help="then sample N in all, keeping their ratio (4933)")
-    g = p.add_argument_group("--preset talkofnorway")
-    g.add_argument("--num-tasks", metavar="N", type=_positive_int, help="keep the first N tasks by name (25) ...")
-    g.add_argument("--min-docs", metavar="N", type=int, help="... of those with > N documents (200)")
-    g.add_argument("--max-docs", metavar="N", type=int, help="... and < N documents (1000)")
-    return p
-
-
-def parse_split(text: str) -> tuple[float, float, float]:
-    try:
-        fractions = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        fractions = ()
-    valid = len(fractions) == 3 and all(0 <= f < math.inf for f in fractions) and fractions[0] > 0
-    if not valid or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"--split {text!r}: need three fractions train,val,test >= 0 adding up to 1, train > 0, "
-                         f"like 0.5,0.25,0.25")
-    return fractions
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """A Config from parsed arguments: the preset fills what was not given, misplaced options are errors."""
-    for mode, options in _MODE_OPTIONS.items():
-        for option in options:
-            if getattr(args, option) is not None and args.preset != mode:
-                where = f"--preset {mode}" if mode else "runs without --preset"
-                raise ValueError(f"--{option.replace('_', '-')} applies only to {where}")
-    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if tasks == []:
-        raise ValueError("--tasks is empty; give comma-separated task names")
-    source = args.csv if args.csv is not None else args.jsonl
-    # Precedence: an option given on the command line, else the preset's value, else Config's default.
-    given = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
-    return Config(**{
-        **PRESETS.get(args.preset, {}),
-        **given,
-        "source": source,
-        "source_format": "csv" if args.csv is not None else "jsonl",
-        "out": args.out or str(Path("data") / (args.preset or Path(source).stem)),
-        "split": parse_split(args.split),
-        "task_prompt": not args.no_task_prompt,
-        "tasks": tasks,
-    })
+    p.add_argument("--tasks", metavar="A,B,...", help="without a preset or with emotion: keep only these tasks")
+    p.add_argument("--max-docs-per-task", metavar="N", type=positive, help="... and sample at most N documents of each")
+    p.add_argument("--min-task-size", metavar="N", type=positive, help="spotify: keep tasks with >= N documents (5000)")
+    p.add_argument("--total", metavar="N", type=positive, help="spotify: then sample N in all, keeping their ratio (4933)")
+    p.add_argument("--num-tasks", metavar="N", type=positive, help="talkofnorway: the first N tasks by name (25) ...")
+    p.add_argument("--min-docs", metavar="N", type=int, help="talkofnorway: ... of those with > N documents (200)")
+    p.add_argument("--max-docs", metavar="N", type=int, help="talkofnorway: ... and < N documents (1000)")
+    a = p.parse_args(argv)
+    if a.csv is None and a.jsonl is None and a.preset not in (None, "emotion"):
+        p.error(f"--preset {a.preset} needs its file: --csv PATH")
+    a.preset = a.preset or ("emotion" if a.csv is None and a.jsonl is None else None)
+    for option, presets in ONLY.items():
+        if getattr(a, option) is not None and a.preset not in presets:
+            p.error(f"--{option.replace('_', '-')} applies only to " + " or ".join(
+                "runs without --preset" if m is None else f"--preset {m}" for m in presets))
+    for key, value in {**DEFAULTS, **PRESETS.get(a.preset, {})}.items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    a.sources, a.format = ([a.csv or a.jsonl], "csv" if a.csv else "jsonl") if a.csv or a.jsonl else (None, "jsonl")
+    a.out = a.out or str(Path("data") / (a.preset or (a.csv or a.jsonl).name.split(".")[0]))
+    a.tasks = a.tasks and [t.strip() for t in a.tasks.split(",") if t.strip()] or (p.error("--tasks is empty; give "
+              "comma-separated task names") if a.tasks is not None else None)
+    fractions = [float(f) if f.replace(".", "", 1).isdigit() else -1.0 for f in a.split.split(",")]
+    if len(fractions) != 3 or min(fractions) < 0 or fractions[0] == 0 or abs(sum(fractions) - 1) > 1e-6:
+        p.error(f"--split {a.split!r}: need three fractions train,val,test >= 0 adding up to 1, train > 0, like 0.5,0.25,0.25")
+    a.split = tuple(fractions)
+    return a
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    a = parse_args(argv)
     try:
-        prepare(config_from_args(args))
+        prepare(a)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ Every test writes its own small source file and runs the command line through ma
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -180,10 +181,8 @@ def test_no_task_prompt(tmp_path, enc):
 def test_reader_arrays_and_meta(tmp_path):
     main(["--csv", str(nasty_csv(tmp_path / "n.csv")), "--out", str(tmp_path / "d")])
     meta = load_meta(tmp_path / "d")
-    assert meta["format"] == "bora-gpt2-data/1" and meta["encoding"] == "gpt2" and meta["tasks"] == ["a", "b"]
-    source = tmp_path / "n.csv"
-    assert meta["source"]["name"] == "n.csv" and meta["source"]["size"] == source.stat().st_size
-    assert meta["source"]["sha256"] == pd_.sha256_of(source)
+    assert meta["format"] == "bora-gpt2-data/2" and meta["encoding"] == "gpt2" and meta["tasks"] == ["a", "b"]
+    assert meta["sources"] == [str(tmp_path / "n.csv")] and len(meta["fingerprint"]) == 64
     assert meta["args"]["split"] == [0.5, 0.25, 0.25] and meta["args"]["seed"] == 42
     for split in pd_.SPLITS:
         s = load_split(tmp_path / "d", split)
@@ -200,24 +199,21 @@ def test_reader_errors_name_prepare_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*prepare_data.py"):
         load_meta(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="meta.json is missing.*prepare_data.py"):
+    with pytest.raises(ValueError, match="meta.json cannot be read.*prepare_data.py"):
         load_meta(tmp_path / "empty")
     main(["--csv", str(nasty_csv(tmp_path / "n.csv")), "--out", str(tmp_path / "d")])
     meta_path = tmp_path / "d" / "meta.json"
     meta = json.loads(meta_path.read_text())
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         load_split(tmp_path / "d", "dev")
-    np.save(tmp_path / "d" / "val" / "offsets.npy", np.array([0, 1], dtype=np.int64))
-    with pytest.raises(ValueError, match="inconsistent.*prepare_data.py"):
-        load_split(tmp_path / "d", "val")
     (tmp_path / "d" / "test" / "tokens.npy").unlink()
-    with pytest.raises(FileNotFoundError, match="tokens.npy is missing.*prepare_data.py"):
+    with pytest.raises(ValueError, match="tokens.npy.*prepare_data.py"):
         load_split(tmp_path / "d", "test")
     meta_path.write_text(json.dumps({**meta, "encoding": "cl100k_base"}))
-    with pytest.raises(ValueError, match="encoding 'cl100k_base', expected 'gpt2'.*prepare_data.py"):
+    with pytest.raises(ValueError, match="not a bora-gpt2-data/2 dataset of the gpt2 encoding.*prepare_data.py"):
         load_meta(tmp_path / "d")
     meta_path.write_text(json.dumps({**meta, "format": "something/0"}))
-    with pytest.raises(ValueError, match="format 'something/0'.*prepare_data.py"):
+    with pytest.raises(ValueError, match="not a bora-gpt2-data/2 dataset.*prepare_data.py"):
         load_meta(tmp_path / "d")
     meta_path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot be read.*prepare_data.py"):
@@ -345,21 +341,16 @@ def test_existing_output_needs_force(tmp_path, enc):
 def test_interruption_leaves_no_folder(tmp_path, monkeypatch):
     src, out = str(nasty_csv(tmp_path / "n.csv")), tmp_path / "data" / "d"
     out.parent.mkdir()
-    calls = []
-
-    def add_then_interrupt(self, ids, task, prompt_len):
-        calls.append(task)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+    def interrupt(*args):  # Ctrl-C once the split files are written, before the folder is in place
+        raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(pd_.SplitWriter, "add", add_then_interrupt)
+        m.setattr(pd_, "fingerprint", interrupt)
         assert fails(["--csv", src, "--out", str(out)], tmp_path).startswith("interrupted: ")
     # with --force, an interrupted run keeps the old folder untouched
     main(["--csv", src, "--out", str(out)])
     old = folder_bytes(out)
-    calls.clear()
-    monkeypatch.setattr(pd_.SplitWriter, "add", add_then_interrupt)
+    monkeypatch.setattr(pd_, "fingerprint", interrupt)
     assert fails(["--csv", src, "--force", "--seed", "7", "--out", str(out)], tmp_path).startswith("interrupted: ")
     assert folder_bytes(out) == old
 
@@ -395,7 +386,6 @@ def test_same_seed_gives_byte_identical_folders(tmp_path, monkeypatch):
     src, out = str(write_csv(tmp_path / "s.csv", ["text", "task"], rows)), tmp_path / "d"
     main(["--csv", src, "--force", "--out", str(out)])
     first = folder_bytes(out)
-    monkeypatch.setattr(pd_, "_BATCH_DOCS", 7)  # tokenising in other batches changes nothing
     main(["--csv", src, "--force", "--out", str(out)])
     assert folder_bytes(out) == first
     main(["--csv", src, "--force", "--seed", "43", "--out", str(out)])
@@ -427,9 +417,6 @@ def test_largest_remainder():
     for n in range(0, 200):
         shares = pd_.largest_remainder(n, [0.5, 0.25, 0.25])
         assert sum(shares) == n and all(abs(s - n * f) < 1 for s, f in zip(shares, [0.5, 0.25, 0.25]))
-    assert pd_.min_docs_to_split((0.5, 0.25, 0.25)) == 3
-    assert pd_.min_docs_to_split((0.8, 0.2, 0.0)) == 3  # 1 -> (1,0,0), 2 -> (2,0,0), 3 -> (2,1,0)
-    assert pd_.min_docs_to_split((0.98, 0.01, 0.01)) == 67
 
 
 def test_tasks_and_cap_without_preset(tmp_path):
@@ -485,8 +472,8 @@ def test_spotify_preset_errors(tmp_path):
 def test_spotify_allocation_at_paper_scale():
     """4933 songs over the six emotions of the full file: integers, summing exactly, each within one of its quota."""
     counts = {"anger": 28_000, "fear": 9_000, "joy": 190_000, "love": 12_000, "sadness": 160_000, "surprise": 5_100}
-    cfg = pd_.Config(source="x", source_format="csv", out="y", preset="spotify", min_task_size=5000, total=4933)
-    take = pd_.choose_tasks({**counts, "True": 40, "thirst": 3}, cfg)
+    args = argparse.Namespace(preset="spotify", task_col="emotion", min_task_size=5000, total=4933)
+    take, _ = pd_.choose_tasks({**counts, "True": 40, "thirst": 3}, args)
     assert list(take) == sorted(counts) and sum(take.values()) == 4933
     assert all(abs(take[t] - 4933 * n / sum(counts.values())) < 1 for t, n in counts.items())
 
@@ -527,3 +514,57 @@ def test_talkofnorway_preset_on_the_wrong_file(tmp_path):
     src = str(write_csv(tmp_path / "ton.csv", ["rep_name", "text"], rows))
     message = fails(["--csv", src, "--preset", "talkofnorway", "--out", str(tmp_path / "d")], tmp_path)
     assert "more than 200 and fewer than 1000" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# duplicates, the dataset's identity, the default corpus
+
+
+def test_exact_duplicates_within_a_task_are_dropped_and_counted(tmp_path, enc, capsys):
+    rows = [[f"text {i}", "a"] for i in range(6)] + [["text 0", "a"]] * 3 + [["text 0", "b"]] + \
+           [[f"other {i}", "b"] for i in range(5)]
+    main(["--csv", str(write_csv(tmp_path / "s.csv", ["text", "task"], rows)), "--out", str(tmp_path / "d")])
+    meta = load_meta(tmp_path / "d")
+    assert meta["rows"]["dropped"] == {"exact duplicate of an earlier text of its task": 3}
+    assert "dropped 3 row(s): exact duplicate" in capsys.readouterr().err
+    texts = Counter((task, doc) for _, task, doc, _ in documents(tmp_path / "d", enc))
+    assert max(texts.values()) == 1 and texts[("b", "[b] text 0" + EOT)] == 1  # the same text in another task stays
+
+
+def test_another_seed_or_split_gives_another_fingerprint(tmp_path):
+    src = str(write_csv(tmp_path / "s.csv", ["text", "task"], [[f"doc {i}", "ab"[i % 2]] for i in range(40)]))
+    prints = {}
+    for name, extra in (("a", []), ("again", []), ("seed", ["--seed", "7"]), ("split", ["--split", "0.6,0.2,0.2"])):
+        main(["--csv", src, "--out", str(tmp_path / name), *extra])
+        prints[name] = load_meta(tmp_path / name)["fingerprint"]
+    assert prints["a"] == prints["again"] and len({prints["a"], prints["seed"], prints["split"]}) == 3
+
+
+def test_talkofnorway_counts_raw_names_and_reports_names_that_collide(tmp_path, capsys):
+    speech = "Dette er en tale i Stortinget som er lang nok, nummer {} av {}."
+    speakers = {"Per A. Hansen": 150, "Per A Hansen": 150,  # 300 together, but each raw name has too few
+                "Kari Nordmann": 250, "Kari. Nordmann": 220}  # both qualify, and both become "kari nordmann"
+    rows = [[name, speech.format(i, name)] for name, n in speakers.items() for i in range(n)]
+    main(["--csv", str(write_csv(tmp_path / "ton.csv", ["rep_name", "text"], rows)), "--preset", "talkofnorway",
+          "--out", str(tmp_path / "d")])
+    meta = load_meta(tmp_path / "d")
+    assert meta["tasks"] == ["kari nordmann"]
+    assert sum(meta["counts"][s]["kari nordmann"]["docs"] for s in pd_.SPLITS) == 470
+    assert "'Kari Nordmann', 'Kari. Nordmann' all become 'kari nordmann'" in capsys.readouterr().err
+
+
+def test_gzipped_jsonl_with_integer_labels(tmp_path):
+    import gzip
+    lines = "".join(json.dumps({"text": f"tweet {i}", "label": i % 3}) + "\n" for i in range(30))
+    with gzip.open(tmp_path / "t.jsonl.gz", "wt") as f:
+        f.write(lines)
+    main(["--jsonl", str(tmp_path / "t.jsonl.gz"), "--task-col", "label", "--out", str(tmp_path / "d")])
+    assert load_meta(tmp_path / "d")["tasks"] == ["0", "1", "2"]
+
+
+def test_many_tasks(tmp_path):
+    """Task ids are dictionary look-ups: 5000 tasks take as long as their rows, not tasks × rows."""
+    rows = [[f"text {i} of {t}", f"task{t}"] for t in range(5000) for i in range(3)]
+    main(["--csv", str(write_csv(tmp_path / "s.csv", ["text", "task"], rows)), "--out", str(tmp_path / "d")])
+    meta = load_meta(tmp_path / "d")
+    assert len(meta["tasks"]) == 5000 and all(meta["counts"]["test"][t]["docs"] == 1 for t in meta["tasks"])
