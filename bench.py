@@ -27,10 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bora import BoRA, LoRAConfig
+from bora import BoRA, LoRAConfig, pick_device
 from gpt2 import GPT, GPTConfig
 from lora import LoRALinear
-from train import pick_device
 
 
 class TextbookLoRA(nn.Module):
@@ -88,10 +87,15 @@ def per_task_loop_step(bora: BoRA, idx: torch.Tensor, ids: torch.Tensor, targets
         part = ce_d * rows.sum() / len(ids)  # weighted so that the parts add up to the batch mean
         part.backward()
         total += part.item()
-    penalty = bora.penalty()
+    penalty = prior_sum(bora)
     penalty.backward()
     bora.zero_grad(set_to_none=True)
     return total + penalty.item()
+
+
+def prior_sum(bora: BoRA) -> torch.Tensor:
+    """Σ_layers Σ_d ‖θ_d − Θ‖², the prior term without τ/2, as train.prior computes it."""
+    return sum((m.A - m.A0).pow(2).sum() + (m.B - m.B0).pow(2).sum() for m in bora.adapted.values())
 
 
 def print_table(title: str, times: dict[str, float], baseline: str, losses: dict[str, float] | None = None) -> None:
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table("one c_attn layer (forward + backward)", layer_times, "textbook LoRA")
 
     train_times, train_losses = median_times({
-        "BoRA, mixed tasks": training_step(bora, lambda: bora(idx, ids, targets)[1] + bora.penalty()),
+        "BoRA, mixed tasks": training_step(bora, lambda: bora(idx, ids, targets)[1] + prior_sum(bora)),
         "textbook LoRA": training_step(textbook, lambda: textbook(idx, targets)[1]),
         "loop over tasks, one pass per task": lambda: per_task_loop_step(bora, idx, ids, targets),
     }, args.warmup, args.steps, device)

@@ -18,7 +18,9 @@ from conftest import write_hf_checkpoint
 from test_train import prepare, read_log, train_run
 
 import eval as evaluate_cli
+from bora import load_checkpoint
 import prepare_data
+import train
 
 SIZES = {"alpha": 4, "beta": 12, "gamma": 36}  # training documents per task
 SWEEP = ("--lr", "5e-3", "--max-epochs", "3", "--seed", "1")  # the same for every τ: only τ differs
@@ -66,7 +68,7 @@ def test_prepare_train_eval(corpus):
     assert vals[-1]["ll_task_avg"] > vals[0]["ll_task_avg"]  # validation NLL went down from the base model
 
     report = eval_json(str(out / "ckpt.pt"), "--split", "val")["checkpoints"][0]
-    model, ckpt = evaluate_cli.load_checkpoint(out / "ckpt.pt")
+    model, ckpt = load_checkpoint(out / "ckpt.pt")
     assert report["epoch"] == ckpt["epoch"] >= 1
     nll, tokens = direct_nll(model, prepare_data.load_split(data, "val"), block_size=32)
     for d, task in enumerate(report["tasks"]):
@@ -85,8 +87,8 @@ def test_prepare_train_eval(corpus):
 def test_tau_inf_is_one_adapter_for_all_tasks(corpus):
     data, hf, root = corpus
     out = train_run(data, hf, root / "tauinf", "--tau", "inf", "--max-epochs", "1")
-    assert json.loads((out / "args.json").read_text())["lr_used"] == 1e-2  # auto: 1e-5·τ clamped at 1e-2
-    model, ckpt = evaluate_cli.load_checkpoint(out / "last.pt")  # after one epoch, whether it was the best or not
+    assert json.loads((out / "args.json").read_text())["lr_used"] == train.TrainConfig().lr  # as for every τ
+    model, ckpt = load_checkpoint(out / "last.pt")  # after one epoch, whether it was the best or not
     assert ckpt["shared"] and ckpt["epoch"] == 1
     assert all(v.shape[0] == 0 for k, v in ckpt["adapters"].items() if k.endswith((".A", ".B")))  # no θ_d at all
     idx = torch.randint(0, 50257, (1, 12))
@@ -100,7 +102,7 @@ def test_tau_inf_is_one_adapter_for_all_tasks(corpus):
 
 def test_distances_shrink_as_tau_grows(sweep):
     # last.pt: every run after exactly the same number of steps (ckpt.pt is each run's best epoch)
-    loaded = {tau: evaluate_cli.load_checkpoint(run / "last.pt") for tau, run in sweep.items()}
+    loaded = {tau: load_checkpoint(run / "last.pt") for tau, run in sweep.items()}
     assert all(ckpt["epoch"] == 3 for _, ckpt in loaded.values())
     d = {tau: model.distances() for tau, (model, _) in loaded.items()}
     assert (d["0"] > d["10"]).all() and (d["10"] > d["1000"]).all(), d

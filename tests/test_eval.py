@@ -1,6 +1,6 @@
 """eval.py: loading checkpoints (and refusing what is not one), reports, comparisons, JSON, plot.
 
-The checkpoints here are written by train.py's own checkpoint() + save_atomic() from BoRAs with
+The checkpoints here are written by train.py's own checkpoint() from BoRAs with
 random adapters: no training needed to test the reporting. (The end-to-end test evaluates trained ones.)
 """
 from __future__ import annotations
@@ -21,13 +21,14 @@ from test_train import perturbed_bora, prepare
 import eval as evaluate_cli
 import prepare_data
 import train
+from bora import load_checkpoint
 
 
 def write_ckpt(model, data: Path, hf: Path, path: Path, tau: float) -> Path:
+    """Save as train.py saves its best epoch, through train.py's own checkpoint()."""
     cfg = train.TrainConfig(data=str(data), out=str(path.parent), init=str(hf), tau=tau, rank=4, block_size=32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = prepare_data.load_meta(data)
-    train.save_atomic(train.checkpoint(cfg, model, meta, [4, 6, 8], epoch=3, val={}), path)
+    torch.save(train.checkpoint(cfg, model, prepare_data.load_meta(data), epoch=3, val={}), path)
     return path
 
 
@@ -56,7 +57,7 @@ def eval_error(*args: str) -> str:
 
 
 def test_load_checkpoint_rebuilds_the_model(setup):
-    model, ckpt = evaluate_cli.load_checkpoint(setup["ckpts"][10.0])
+    model, ckpt = load_checkpoint(setup["ckpts"][10.0])
     saved = torch.load(setup["ckpts"][10.0], weights_only=True)["adapters"]
     assert model.adapter_state_dict().keys() == saved.keys()
     assert all(torch.equal(model.adapter_state_dict()[k], v) for k, v in saved.items())
@@ -66,17 +67,17 @@ def test_load_checkpoint_rebuilds_the_model(setup):
 
 def test_load_checkpoint_refuses_what_is_not_one(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        evaluate_cli.load_checkpoint(tmp_path / "missing.pt")
+        load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        evaluate_cli.load_checkpoint(tmp_path / "random.pt")
+        load_checkpoint(tmp_path / "random.pt")
     torch.save({"state_dict": torch.ones(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match="format tag"):
-        evaluate_cli.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of this train.py"):
+        load_checkpoint(tmp_path / "foreign.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(setup["ckpts"][10.0].read_bytes()[:200])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        evaluate_cli.load_checkpoint(truncated)
+        load_checkpoint(truncated)
     # a checkpoint whose base model has gone
     hf = write_hf_checkpoint(tmp_path / "gone-gpt2")
     path = write_ckpt(perturbed_bora(hf), setup["data"], hf, tmp_path / "run" / "ckpt.pt", 10.0)
@@ -87,7 +88,7 @@ def test_load_checkpoint_refuses_what_is_not_one(setup, tmp_path):
 def test_single_report(setup):
     text = run_eval(setup["ckpts"][10.0], "--split", "val")
     assert "tau=10" in text and "token-weighted" in text and "task-averaged" in text
-    model, _ = evaluate_cli.load_checkpoint(setup["ckpts"][10.0])
+    model, _ = load_checkpoint(setup["ckpts"][10.0])
     report = evaluate_cli.evaluate_checkpoint(setup["ckpts"][10.0], split="val")
     val = prepare_data.load_split(setup["data"], "val")
     assert [t["docs"] for t in report["tasks"]] == [int((val.task_ids == d).sum()) for d in range(3)]
@@ -123,6 +124,11 @@ def test_several_checkpoints_side_by_side(setup):
 def test_eval_refuses_another_dataset(setup, tmp_path):
     other = prepare(tmp_path, {"alpha": 4, "beta": 6, "gamma": 8}, seed=1)  # same tasks, other texts
     assert "--data" in eval_error(setup["ckpts"][10.0], "--data", other)
+    # the same source split with another seed: test documents that were training documents
+    source = next(setup["data"].parent.glob("corpus*.csv"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare_data.main(["--csv", str(source), "--seed", "7", "--out", str(tmp_path / "resplit")])
+    assert "not the dataset" in eval_error(setup["ckpts"][10.0], "--data", tmp_path / "resplit")
     assert "--split" not in run_eval(setup["ckpts"][10.0], "--data", setup["data"])  # the right one is fine
 
 

@@ -28,13 +28,13 @@ def perturbed_bora(hf_dir: Path) -> BoRA:
 
 
 def write_checkpoint(bora: BoRA, hf_dir: Path, path: Path, task_prompt: bool = True) -> Path:
-    """Save as train.py saves its best epoch, through train.py's own checkpoint() and save_atomic()."""
+    """Save as train.py saves its best epoch, through train.py's own checkpoint()."""
     cfg = train.TrainConfig(data=str(path.parent / "data"), out=str(path.parent), init=str(hf_dir), tau=10.0,
-                            rank=LORA.rank, alpha=LORA.alpha, targets=LORA.targets)
+                            rank=LORA.rank, alpha=LORA.alpha, targets=",".join(LORA.targets))
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"source": {"name": "lyrics.csv", "size": 0, "sha256": "0"}, "encoding": "gpt2", "tasks": TASKS,
-            "task_prompt": task_prompt}
-    train.save_atomic(train.checkpoint(cfg, bora, meta, [10, 20, 30], epoch=1, val={}), path)
+    meta = {"tasks": TASKS, "task_prompt": task_prompt, "fingerprint": "0",
+            "counts": {"train": {t: {"docs": n} for t, n in zip(TASKS, (10, 20, 30))}}}
+    torch.save(train.checkpoint(cfg, bora, meta, epoch=1, val={}), path)
     return path
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import write_hf_checkpoint
 from test_export import LORA, TASKS, perturbed_bora, write_checkpoint  # the same tiny runs as export's tests
 
+import prepare_data
 import sample
 from bora import BoRA
 from gpt2 import GPT
@@ -79,10 +80,10 @@ def test_global_samples_from_theta_without_task_prompt(runs, capsys) -> None:
 
 
 def test_the_model_reads_the_task_prompt_then_the_prompt(runs) -> None:
-    ids, hidden = sample.encode_context(ENC, "sadness", PROMPT)
-    assert ENC.decode(ids) == "[sadness] " + PROMPT and ENC.decode(ids[hidden:]) == " " + PROMPT
-    assert sample.encode_context(ENC, "sadness", "") == (ENC.encode("[sadness]"), len(ENC.encode("[sadness]")))
-    assert sample.encode_context(ENC, None, PROMPT) == (ENC.encode(PROMPT), 0)
+    ids, hidden = prepare_data.encode_document(ENC, PROMPT, "sadness")  # the start of a training document
+    assert ENC.decode(ids[:-1]) == "[sadness] " + PROMPT and ENC.decode(ids[hidden:-1]) == " " + PROMPT
+    assert ids[:hidden] == ENC.encode("[sadness]") and ids[-1] == ENC.eot_token
+    assert prepare_data.encode_document(ENC, PROMPT, None) == (ENC.encode(PROMPT) + [ENC.eot_token], 0)
     # with nothing generated, what comes back is the prompt exactly: the task prompt is not shown
     for prompt_task in ("sadness", None):
         assert sample.generate_samples(runs.bora.merge(1), ENC, prompt_task, PROMPT, 1, 0, 1.0, None, 0) == [PROMPT]

@@ -1,4 +1,4 @@
-"""train.py: the objective, batching, micro-batches, checkpoints, resume, divergence and refusals.
+"""train.py: the objective (unbiased, exact micro-batches), checkpoints, exact resume, run safety, refusals.
 
 Everything runs on CPU with the tiny GPT-2 of conftest.py and a small synthetic multi-task corpus
 prepared by prepare_data.py itself. `write_corpus` and `train_run` are reused by the other test files.
@@ -10,8 +10,10 @@ import copy
 import csv
 import io
 import json
+import math
 import random
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from conftest import write_hf_checkpoint
 
 import prepare_data
 import train
-from bora import BoRA, LoRAConfig
+from bora import CKPT_FORMAT, BoRA, LoRAConfig
 from gpt2 import GPT
 
 # Three tasks that share most of their words and differ in a task-specific word list.
@@ -57,7 +59,7 @@ def prepare(folder: Path, train_docs: dict[str, int], seed: int = 0) -> Path:
 def train_run(data: Path, hf: Path, out: Path, *extra: str) -> Path:
     """train.main in-process with small settings; extra arguments win. Return the run folder."""
     args = ["--data", str(data), "--init", str(hf), "--out", str(out), "--rank", "4", "--block-size", "32",
-            "--batch-size", "16", "--max-epochs", "2", "--log-every", "100", *extra]
+            "--batch-size", "16", "--max-epochs", "2", *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(args)
     return out
@@ -89,44 +91,58 @@ def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
     return model.train()
 
 
-# ---- the objective and batching ----------------------------------------------------------------
+# ---- the objective ------------------------------------------------------------------------------
 
 
-def test_lr_auto_rule():
-    assert train.auto_lr(0) == 1e-4 and train.auto_lr(5) == 1e-4  # clamped from below
-    assert train.auto_lr(100) == pytest.approx(1e-3)  # 1e-5 · τ
-    assert train.auto_lr(1e4) == 1e-2 and train.auto_lr(float("inf")) == 1e-2  # clamped from above
-    assert train.parse_args([]).lr is None and train.parse_args(["--lr", "auto"]).lr is None
-    assert train.parse_args(["--lr", "0.05", "--tau", "100"]).lr == 0.05  # an explicit value wins
+def cfg(**changes) -> train.TrainConfig:
+    return train.TrainConfig(**{"rank": 4, "block_size": 32, **changes})
 
 
-def test_parse_args_into_dataclass():
-    cfg = train.parse_args(["--tau", "inf", "--targets", "c_attn,mlp.c_proj", "--micro-batch", "8"])
-    assert isinstance(cfg, train.TrainConfig)
-    assert cfg.tau == float("inf") and cfg.targets == ("c_attn", "mlp.c_proj") and cfg.micro_batch == 8
-    assert (cfg.rank, cfg.alpha, cfg.block_size, cfg.batch_size, cfg.max_epochs, cfg.patience) == (16, 16.0, 256, 64, 20, 5)
+def direct_objective(model: BoRA, split, tau: float, block_size: int = 32) -> float:
+    """L = Σ_i nll_i + τ/2 · Σ_d ‖θ_d − Θ‖², one document at a time: the full-data objective."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(split)):
+            x, y, t = prepare_data.make_batch(split, [i], block_size, "cpu")
+            total += prepare_data.token_nll(model(x, t)[0], y).sum().item() / (y != -1).sum().item()
+        return total + train.prior(model, tau).item()
 
 
-def test_make_batch_scores_text_not_prompt_or_padding(small):
-    data, _ = small
+@pytest.mark.parametrize("batch_size", [4, 7])  # 7 does not divide the 18 documents: a short last batch
+def test_step_objective_averaged_over_an_epoch_is_the_full_objective(small, batch_size):
+    """Unbiasedness, exactly: every document is in one of the epoch's S batches, so the mean of the S step
+    losses is L, whatever each batch's mix of tasks (with the small task often absent)."""
+    data, hf = small
     split = prepare_data.load_split(data, "train")
-    ids = [0, 5, 9]
-    x, y, t = train.make_batch(split, ids, block_size=8, device="cpu")
-    assert x.shape == y.shape and t.tolist() == split.task_ids[ids].tolist()
-    for row, i in enumerate(ids):
-        doc = torch.as_tensor(split.document(i).astype("int64"))
-        p, n = int(split.prompt_lens[i]), min(len(doc) - 1, 8)
-        assert torch.equal(x[row, :n], doc[:n])  # inputs: the document, cut to the block size
-        assert torch.equal(y[row, p - 1 : n], doc[p:n + 1])  # targets: the next token, from the text on
-        assert (y[row, : p - 1] == -1).all() and (y[row, n:] == -1).all()  # prompt and padding not scored
+    model = perturbed_bora(hf).eval()  # no dropout: the same loss every time
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # measure, never move
+    S = -(-len(split) // batch_size)
+    full = direct_objective(model, split, tau=10.0)
+    for seed in range(3):  # any order of the documents
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
+        steps = [train.train_step(model, model, opt, *prepare_data.make_batch(split, order[k:k + batch_size], 32, "cpu"),
+                                  S, cfg(tau=10.0), contextlib.nullcontext()) for k in range(0, len(split), batch_size)]
+        assert len(steps) == S
+        assert sum(nll + prior for nll, prior in steps) / S == pytest.approx(full, rel=1e-6, abs=1e-6)
 
 
-def test_objective_is_n_weighted_nll_plus_prior():
-    nll_sum, tokens = torch.tensor([6.0, 0.0, 10.0]), torch.tensor([3.0, 0.0, 5.0])  # task 1 not in the batch
-    N = torch.tensor([4.0, 12.0, 36.0])
-    nll_term, prior_term = train.objective(nll_sum, tokens, N, torch.tensor(0.5), tau=10.0)
-    assert nll_term.item() == pytest.approx(4 * 2.0 + 36 * 2.0)  # Σ_d N_d · nll_d
-    assert prior_term.item() == pytest.approx(10.0 / 2 * 0.5)  # τ/2 · Σ_d ‖θ_d − Θ‖²
+def test_token_sum_likelihood_is_the_exact_log_probability(small):
+    data, hf = small
+    split = prepare_data.load_split(data, "train")
+    model = perturbed_bora(hf).eval()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    x, y, t = prepare_data.make_batch(split, list(range(len(split))), 32, "cpu")
+    nll, _ = train.train_step(model, model, opt, x, y, t, 1, cfg(tau=0.0, likelihood="token-sum"), contextlib.nullcontext())
+    with torch.no_grad():
+        assert nll == pytest.approx(prepare_data.token_nll(model(x, t)[0], y).sum().item(), rel=1e-6)  # −log P(D | θ)
+
+
+def test_prior_is_tau_half_squared_distance_and_vanishes_at_the_limits(small):
+    model = perturbed_bora(small[1])
+    sq = sum(((m.A - m.A0) ** 2).sum() + ((m.B - m.B0) ** 2).sum() for m in model.adapted.values())
+    assert train.prior(model, 10.0).item() == pytest.approx(5.0 * sq.item(), rel=1e-6)
+    assert train.prior(model, 0.0).item() == 0.0
+    assert train.prior(perturbed_bora(small[1], shared=True), math.inf).item() == 0.0
 
 
 def test_theta_map_is_the_mean_of_the_task_adapters(small):
@@ -136,30 +152,26 @@ def test_theta_map_is_the_mean_of_the_task_adapters(small):
 
     def theta_grads() -> list[torch.Tensor]:
         model.zero_grad()
-        _, prior = train.objective(torch.zeros(3), torch.ones(3), torch.ones(3), model.penalty(), tau=10.0)
-        prior.backward()
+        train.prior(model, 10.0).backward()
         return [g for layer in layers for g in (layer.A0.grad, layer.B0.grad)]
 
     assert max(g.abs().max() for g in theta_grads()) > 1e-3  # Θ away from the mean: pulled
-    with torch.no_grad():
-        for layer in layers:
-            layer.A0.copy_(layer.A.mean(0))
-            layer.B0.copy_(layer.B.mean(0))
+    train.theta_as_task_mean(model)
     assert max(g.abs().max() for g in theta_grads()) < 1e-6
 
 
 def test_micro_batches_give_the_same_step(small):
     data, hf = small
     split = prepare_data.load_split(data, "train")
-    x, y, t = train.make_batch(split, list(range(10)), 32, "cpu")  # all three tasks
-    N = torch.tensor([4.0, 6.0, 8.0])
-    whole, parts = perturbed_bora(hf), None
+    x, y, t = prepare_data.make_batch(split, list(range(10)), 32, "cpu")  # all three tasks
+    whole = perturbed_bora(hf)
     parts = copy.deepcopy(whole)
     results = []
     for model, micro in ((whole, 10), (parts, 3)):  # 3 does not divide 10: a short last micro-batch
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-        results.append(train.train_step(model, model, opt, x, y, t, N, 10.0, micro, contextlib.nullcontext()))
-    assert results[0] == pytest.approx(results[1], rel=1e-5)  # NLL term and prior term
+        results.append(train.train_step(model, model, opt, x, y, t, 2, cfg(tau=10.0, micro_batch=micro),
+                                        contextlib.nullcontext()))
+    assert results[0] == pytest.approx(results[1], rel=1e-5)  # likelihood and prior terms
     for (name, a), b in zip(whole.named_parameters(), parts.parameters()):
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
@@ -174,8 +186,8 @@ def test_tau_zero_one_task_leaves_the_others_untouched(small):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     alpha_docs = [i for i in range(len(split)) if split.task_ids[i] == 0]
     for _ in range(3):
-        x, y, t = train.make_batch(split, alpha_docs, 32, "cpu")
-        train.train_step(model, model, opt, x, y, t, torch.tensor([4.0, 6.0, 8.0]), 0.0, 16, contextlib.nullcontext())
+        x, y, t = prepare_data.make_batch(split, alpha_docs, 32, "cpu")
+        train.train_step(model, model, opt, x, y, t, 4, cfg(tau=0.0), contextlib.nullcontext())
     after = model.adapter_state_dict()
     for key in before:
         if key.endswith((".A", ".B")):
@@ -185,89 +197,125 @@ def test_tau_zero_one_task_leaves_the_others_untouched(small):
             assert torch.equal(after[key], before[key])  # Θ: no data uses it and τ = 0 cuts the prior
 
 
+def test_tau_zero_stores_theta_as_the_mean_of_the_task_adapters(small, tmp_path):
+    data, hf = small
+    out = train_run(data, hf, tmp_path / "run", "--tau", "0", "--max-epochs", "1")
+    for name in ("ckpt.pt", "last.pt"):
+        a = adapters(out / name)
+        for key in (k for k in a if k.endswith(".A0") or k.endswith(".B0")):
+            assert torch.allclose(a[key], a[key[:-1]].mean(0), atol=1e-7), (name, key)
+
+
+def test_both_limits_get_the_same_default_learning_rate(small, tmp_path):
+    data, hf = small
+    lrs = {tau: json.loads((train_run(data, hf, tmp_path / tau, "--tau", tau, "--max-epochs", "1") / "args.json")
+                           .read_text())["lr_used"] for tau in ("0", "inf", "100")}
+    assert lrs["0"] == lrs["inf"] == lrs["100"] == train.TrainConfig().lr
+
+
+def test_flags_come_from_the_config_dataclass():
+    c = train.parse_args(["--tau", "inf", "--targets", "c_attn,mlp.c_proj", "--micro-batch", "4", "--resume"])
+    assert isinstance(c, train.TrainConfig) and c.tau == math.inf and c.micro_batch == 4 and c.resume
+    assert c.targets == "c_attn,mlp.c_proj" and LoRAConfig(targets=c.targets).targets == ("c_attn", "mlp.c_proj")
+    d = train.parse_args([])
+    assert (d.rank, d.alpha, d.block_size, d.batch_size, d.max_epochs, d.patience) == (16, 16.0, 256, 64, 20, 5)
+    assert d.data == "data/emotion" and d.micro_batch < d.batch_size  # the default run fits a laptop
+
+
 # ---- checkpoints, resume, divergence ------------------------------------------------------------
-
-
-def test_save_atomic_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    train.save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
-    real_save = torch.save
-
-    def save_then_crash(obj, f):
-        real_save(obj, f)  # a complete temp file ...
-        with open(f, "r+b") as fh:
-            fh.truncate(10)  # ... cut short, as by a kill mid-write
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", save_then_crash)
-    with pytest.raises(OSError, match="disk full"):
-        train.save_atomic({"epoch": 2, "w": torch.zeros(3)}, path)
-    old = torch.load(path, weights_only=True)
-    assert old["epoch"] == 1 and torch.equal(old["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
 
 
 def test_checkpoint_contents_and_plain_types(small, tmp_path):
     data, hf = small
     out = train_run(data, hf, tmp_path / "run", "--tau", "10", "--max-epochs", "1")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # only tensors and plain Python values
-    assert ckpt["format"] == train.CKPT_FORMAT and ckpt["base_model"] == str(hf.resolve())
+    assert ckpt["format"] == CKPT_FORMAT and ckpt["base_model"] == str(hf.resolve())
     assert ckpt["task_names"] == ["alpha", "beta", "gamma"] and ckpt["train_sizes"] == [4, 6, 8]
     assert ckpt["tau"] == 10.0 and ckpt["shared"] is False and ckpt["lora_config"]["rank"] == 4
-    assert ckpt["gpt_config"]["n_embd"] == 32 and ckpt["args"]["block_size"] == 32
-    assert ckpt["data_meta"]["source"]["sha256"] == prepare_data.load_meta(data)["source"]["sha256"]
+    assert ckpt["gpt_config"]["n_embd"] == 32 and ckpt["args"]["block_size"] == 32 and ckpt["task_prompt"] is True
+    assert ckpt["data_id"] == prepare_data.load_meta(data)["fingerprint"]
     assert all(".transformer.wte" not in k and "c_attn.base" not in k for k in ckpt["adapters"])  # adapters only
     last = torch.load(out / "last.pt", weights_only=True)
-    assert {"optimizer", "rng", "state"} <= last.keys() and last["state"]["epoch"] == 1
-    assert json.loads((out / "args.json").read_text())["lr_used"] == pytest.approx(1e-4)  # auto: 1e-5 · 10, clamped
+    assert {"optimizer", "rng", "state"} <= last.keys() and last["state"]["epoch"] == 2
     records = read_log(out)
-    assert [r["kind"] for r in records][-1] == "done" and sum(r["kind"] == "val" for r in records) == 2
+    assert records[-1]["kind"] == "done" and sum(r["kind"] == "val" for r in records) == 2
 
 
-def test_resume_ends_with_the_same_adapters(small, tmp_path, monkeypatch):
+def test_resume_after_an_epoch_ends_with_the_same_adapters(small, tmp_path, monkeypatch):
     data, hf = small
     common = ("--tau", "10", "--lr", "1e-2", "--max-epochs", "2", "--dropout", "0.1", "--batch-size", "8")
     straight = train_run(data, hf, tmp_path / "straight", *common)
+    real_write = train.atomic_write
 
-    real_save = train.save_atomic
+    def killed_after_epoch_1(path, write):
+        real_write(path, write)
+        if path.name == "last.pt" and torch.load(path, weights_only=True)["state"]["epoch"] == 2:
+            raise SystemExit("killed")  # the process dies right after epoch 1 is on disk
 
-    def killed_after_epoch_1(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt" and obj["state"]["epoch"] == 1:
-            raise KeyboardInterrupt  # the run dies right after epoch 1 is on disk
-
-    monkeypatch.setattr(train, "save_atomic", killed_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(train, "atomic_write", killed_after_epoch_1)
+    with pytest.raises(SystemExit):
         train_run(data, hf, tmp_path / "resumed", *common)
-    monkeypatch.setattr(train, "save_atomic", real_save)
+    monkeypatch.setattr(train, "atomic_write", real_write)
     resumed = train_run(data, hf, tmp_path / "resumed", *common, "--resume")
-
     for name in ("last.pt", "ckpt.pt"):
         a, b = adapters(straight / name), adapters(resumed / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [r["epoch"] for r in read_log(resumed) if r["kind"] == "val"] == [0, 1, 2]
+
+
+def test_ctrl_c_mid_epoch_saves_last_pt_and_resume_continues_exactly(small, tmp_path, monkeypatch):
+    """Two threads, dropout on, interrupted in the middle of an epoch: the resumed run ends bit for bit equal."""
+    data, hf = small
+    torch.set_num_threads(2)
+    common = ("--tau", "10", "--lr", "1e-2", "--max-epochs", "2", "--dropout", "0.1", "--batch-size", "4",
+              "--micro-batch", "2")
+    straight = train_run(data, hf, tmp_path / "straight", *common)
+    real_step, steps = train.train_step, []
+
+    def ctrl_c_at_step_3(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        train_run(data, hf, tmp_path / "resumed", *common)
+    assert str(e.value.code).startswith("interrupted at epoch 1, step 2/5") and "--resume" in str(e.value.code)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["state"]["done_in_epoch"] == 2
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed = train_run(data, hf, tmp_path / "resumed", *common, "--resume")
+    a, b = adapters(straight / "last.pt"), adapters(resumed / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_snapshots_inside_an_epoch(small, tmp_path, monkeypatch):
+    data, hf = small
+    saved = []
+    real_write = train.atomic_write
+    monkeypatch.setattr(train, "atomic_write", lambda path, write: (saved.append(path.name), real_write(path, write)))
+    train_run(data, hf, tmp_path / "run", "--tau", "10", "--max-epochs", "1", "--batch-size", "4", "--save-every", "1e-9")
+    assert saved.count("last.pt") == 5 + 1  # after each of the 5 steps, and at the end of the epoch
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_best(small, tmp_path, monkeypatch):
     data, hf = small
-    real_penalty, calls = BoRA.penalty, []
+    real_prior, calls = train.prior, []
 
-    def penalty_nan_from_step_4(self):
+    def prior_nan_from_step_4(model, tau):
         calls.append(1)
-        return real_penalty(self) * (float("nan") if len(calls) >= 4 else 1.0)
+        return real_prior(model, tau) * (float("nan") if len(calls) >= 4 else 1.0)
 
-    monkeypatch.setattr(BoRA, "penalty", penalty_nan_from_step_4)
+    monkeypatch.setattr(train, "prior", prior_nan_from_step_4)
     with pytest.raises(SystemExit) as e:  # 18 documents in batches of 8: 3 steps an epoch
         train_run(data, hf, tmp_path / "run", "--tau", "10", "--batch-size", "8", "--max-epochs", "3")
     message = str(e.value.code)
-    assert message.startswith("error:") and "step 4" in message and "smaller --lr" in message
-    assert "\n" not in message
+    assert message.startswith("error:") and "step 4" in message and "smaller --lr" in message and "\n" not in message
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)  # intact, from the last good epoch
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["adapters"].values())
 
 
-# ---- refusals: one line, exit code 1 ------------------------------------------------------------
+# ---- runs never destroy each other; refusals are one line ---------------------------------------
 
 
 def refusal(*args: str) -> str:
@@ -284,14 +332,53 @@ def test_refusals(small, tmp_path):
     base = ["--data", str(data), "--init", str(hf), "--out", str(tmp_path / "o"), "--block-size", "32", "--rank", "4"]
     assert "does not exist" in refusal(*base, "--data", str(tmp_path / "nowhere"))
     assert "--tau" in refusal(*base, "--tau", "-1")
+    assert "--lr" in refusal(*base, "--lr", "abc")
+    assert "--lr" in refusal(*base, "--lr", "0")
     assert "c_foo" in refusal(*base, "--targets", "c_attn,c_foo")
     assert "--block-size 300" in refusal(*base, "--block-size", "300")  # the tiny model has 256 positions
-    assert "--micro-batch" in refusal(*base, "--batch-size", "4", "--micro-batch", "8")
-    other_tokenizer = shutil.copytree(data, tmp_path / "cl100k")
-    meta = json.loads((other_tokenizer / "meta.json").read_text())
-    (other_tokenizer / "meta.json").write_text(json.dumps({**meta, "encoding": "cl100k_base"}))
-    assert "encoding" in refusal(*base, "--data", str(other_tokenizer))
+    assert "not found" in refusal(*base, "--init", "./missing")
+    assert "unknown model 'gpt3'" in refusal(*base, "--init", "gpt3")
+    assert "--no-such-flag" in refusal(*base, "--no-such-flag")
+    if not torch.cuda.is_available():
+        assert "device 'cuda' is not usable here" in refusal(*base, "--device", "cuda")
     assert "last.pt" in refusal(*base, "--resume")  # nothing to resume yet
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(small, tmp_path):
+    data, hf = small
+    out = train_run(data, hf, tmp_path / "run", "--tau", "10", "--max-epochs", "1")
+    before = (out / "ckpt.pt").read_bytes()
+    message = refusal("--data", str(data), "--init", str(hf), "--out", str(out), "--block-size", "32", "--rank", "4")
+    assert "already holds a run" in message and "--resume" in message and "--overwrite" in message
+    assert (out / "ckpt.pt").read_bytes() == before
+    train_run(data, hf, out, "--tau", "100", "--max-epochs", "1", "--overwrite")  # explicit: a new run
+    assert torch.load(out / "ckpt.pt", weights_only=True)["tau"] == 100.0
+    assert [r["epoch"] for r in read_log(out) if r["kind"] == "val"] == [0, 1]  # the old log is gone too
+
+
+def test_a_second_process_on_the_same_out_is_refused(small, tmp_path):
+    data, hf = small
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert "another train.py is running" in refusal("--data", str(data), "--init", str(hf), "--out", str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    train_run(data, hf, out, "--tau", "10", "--max-epochs", "1")  # a killed holder leaves no stuck lock
+
+
+def test_stray_temp_files_of_a_killed_write_are_cleaned_up(small, tmp_path):
+    data, hf = small
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".last.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    train_run(data, hf, out, "--tau", "10", "--max-epochs", "1")
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
 def test_resume_refuses_other_data_or_model(small, tmp_path):
@@ -301,6 +388,6 @@ def test_resume_refuses_other_data_or_model(small, tmp_path):
     other_model = write_hf_checkpoint(tmp_path / "other-gpt2", seed=1)
     base = ["--init", str(hf), "--data", str(data), "--out", str(out), "--block-size", "32", "--rank", "4",
             "--tau", "10", "--resume"]
-    assert "different data" in refusal(*base, "--data", str(other_data))
-    assert "different base model" in refusal(*base, "--init", str(other_model))
-    assert "different --tau" in refusal(*base, "--tau", "100")
+    assert "different data_id" in refusal(*base, "--data", str(other_data))
+    assert "different base_model" in refusal(*base, "--init", str(other_model))
+    assert "different tau" in refusal(*base, "--tau", "100")
