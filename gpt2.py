@@ -29,7 +29,6 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5
 
 
@@ -43,10 +42,9 @@ GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values of all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape  # (B, T, n_embd)
@@ -54,9 +52,8 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_dim): every head attends on its own slice of the embedding
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(q kᵀ / √head_dim) v with the future masked out, in one fused kernel
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, head_dim) -> heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, head_dim)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side again
 
 
 class MLP(nn.Module):
@@ -64,11 +61,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 was trained with the tanh approximation of GELU; the exact erf form differs by ~1e-3
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # (B, T, n_embd)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (B, T, n_embd)
 
 
 class Block(nn.Module):
@@ -93,7 +89,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
             wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -109,7 +104,7 @@ class GPT(nn.Module):
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(idx.shape[1], device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, n_embd)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
@@ -142,8 +137,8 @@ class GPT(nn.Module):
         # (but h.0.attn.c_attn.bias is a weight), so it is skipped on purpose, as is the old masked_bias.
         state = {"transformer." + k.removeprefix("transformer."): t for k, t in raw.items()
                  if k.split(".")[-2:] not in (["attn", "bias"], ["attn", "masked_bias"])}
-        head = state.pop("transformer.lm_head.weight", None)  # most files leave it out: it is wte
-        if head is not None and not torch.equal(head, state.get("transformer.wte.weight", head)):
+        state["lm_head.weight"] = state.pop("transformer.lm_head.weight", state.get("transformer.wte.weight"))
+        if not torch.equal(state["lm_head.weight"], state.get("transformer.wte.weight", state["lm_head.weight"])):
             raise ValueError(f"{file}: lm_head.weight differs from wte.weight, but GPT-2 ties the two")
         config_file = file.with_name("config.json")
         config = config_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else config_from_shapes(state, file)
@@ -151,20 +146,18 @@ class GPT(nn.Module):
             model = cls(config)
         model.to_empty(device="cpu")
         model.lm_head.weight = model.transformer.wte.weight  # to_empty untied the two
-        state = transpose_conv1d(state)
-        state["lm_head.weight"] = state.get("transformer.wte.weight")
         try:
-            model.load_state_dict(state, strict=True)  # names and shapes, every key, or nothing
+            model.load_state_dict(transpose_conv1d(state), strict=True)  # every name and shape, or nothing
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"{file} does not fit a GPT-2 of {config}: " + " ".join(str(e).split())) from None
+            raise ValueError(f"{file} does not fit a GPT-2 of {config.n_layer} layers, {config.n_head} heads, "
+                             f"{config.n_embd} dims: " + " ".join(str(e).split())) from None
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json and model.safetensors as transformers writes GPT-2, each file atomically."""
         c, folder = self.config, Path(folder)
         config = {hf: asdict(c)[ours] for ours, hf in HF_CONFIG.items()}
-        config.update(n_ctx=c.block_size, attn_pdrop=c.dropout, embd_pdrop=c.dropout, resid_pdrop=c.dropout,
-                      model_type="gpt2", architectures=["GPT2LMHeadModel"], activation_function="gelu_new")
+        config.update(n_ctx=c.block_size, model_type="gpt2", architectures=["GPT2LMHeadModel"], activation_function="gelu_new")
         state = transpose_conv1d({k: v for k, v in self.state_dict().items() if k != "lm_head.weight"})
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}  # safetensors wants contiguous CPU
         atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -211,9 +204,8 @@ def locate_weights(name_or_path: str) -> Path:
         return file
     if name in GPT2_SIZES and not path.exists():
         # transformers caches "gpt2" under models--gpt2, "openai-community/gpt2" under models--openai-community--gpt2
-        cached = [cached_file(repo, "model.safetensors") for repo in (f"openai-community/{name}", name)]
-        if file := next((f for f in cached if f), None):
-            return file
+        if cached := hub_file(name, "model.safetensors", fetch=False):
+            return cached
         hub_file(f"openai-community/{name}", "config.json")
         return hub_file(f"openai-community/{name}", "model.safetensors")
     if path.exists() or path.suffix == ".safetensors" or len(path.parts) > 1 or name_or_path.startswith("."):
@@ -224,40 +216,30 @@ def locate_weights(name_or_path: str) -> Path:
 
 # ---- The Hugging Face hub, with the standard library, into huggingface_hub's own cache ----
 
-def hub_cache() -> Path:
-    """$HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
-
-
 def repo_folder(repo: str, kind: str) -> Path:
-    return hub_cache() / f"{kind}s--{repo.replace('/', '--')}"  # e.g. models--openai-community--gpt2
+    """huggingface_hub's cache of a repo: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
+    return cache / f"{kind}s--{repo.replace('/', '--')}"  # e.g. models--openai-community--gpt2
 
 
-def cached_file(repo: str, file: str, revision: str = "main", kind: str = "model") -> Path | None:
-    """A file already in the cache: snapshots/<commit>/<file>; for "main", any snapshot will do."""
+def hub_file(repo: str, file: str, revision: str = "main", kind: str = "model", fetch: bool = True) -> Path | None:
+    """One file of a hub repo from the cache (for "main": any snapshot), else fetched from $HF_ENDPOINT into it."""
     snapshots = repo_folder(repo, kind) / "snapshots"
     found = [snapshots / revision / file] if revision != "main" else sorted(snapshots.glob(f"*/{file}"))
-    return next((f for f in found if f.is_file()), None)
-
-
-def hub_file(repo: str, file: str, revision: str = "main", kind: str = "model") -> Path:
-    """One file of a hub repo: from the cache if there, else fetched from $HF_ENDPOINT into it."""
-    if cached := cached_file(repo, file, revision, kind):
+    if (cached := next((f for f in found if f.is_file()), None)) or not fetch:
         return cached
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/{'datasets/' if kind == 'dataset' else ''}{repo}/resolve/{revision}/{file}"
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             commit = response.headers.get("X-Repo-Commit") or revision  # the hub says which commit it served
-            dest = repo_folder(repo, kind) / "snapshots" / commit / file
-            atomic_write(dest, lambda tmp: _stream(response, tmp, url))
+            atomic_write(snapshots / commit / file, lambda tmp: _stream(response, tmp, url))
     except (OSError, http.client.HTTPException) as e:  # no network, an HTTP error status, a timeout
-        raise FileNotFoundError(f"could not fetch {url} ({e}); download it by hand to "
-                                f"{repo_folder(repo, kind) / 'snapshots' / revision / file}") from None
+        raise FileNotFoundError(f"could not fetch {url} ({e}); download it by hand to {snapshots / revision / file}") from None
     if commit != revision:  # as huggingface_hub does: refs/main names the commit main pointed to
-        atomic_write(repo_folder(repo, kind) / "refs" / revision, lambda tmp: tmp.write_text(commit))
-    return dest
+        atomic_write(snapshots.parent / "refs" / revision, lambda tmp: tmp.write_text(commit))
+    return snapshots / commit / file
 
 
 def _stream(response, into: Path, url: str) -> None:

@@ -32,7 +32,7 @@ import sys
 import time
 import zlib
 from array import array
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
@@ -151,7 +151,8 @@ EMOTION = ("dair-ai/emotion", "0f2013aff0f120885b4892bddfe59faafa13a310",  # a r
 PRESETS = {
     # The default: ~20k English tweets (dair-ai/emotion), the lyrics reproduction's six emotions as
     # integer labels; the dataset card's order: sadness, joy, love, anger, fear, surprise.
-    "emotion": dict(text_col="text", task_col="label", labels=["sadness", "joy", "love", "anger", "fear", "surprise"]),
+    "emotion": dict(text_col="text", task_col="label", labels=dict(enumerate(["sadness", "joy", "love", "anger", "fear",
+                                                                             "surprise"]))),
     # The lyrics paper (Kaggle, "500k+ Spotify songs"): emotions with at least 5000 songs, then 4933
     # songs sampled keeping their ratio (50 `surprise` … 1869 `joy`).
     "spotify": dict(text_col="text", task_col="emotion", min_task_size=5000, total=4933),
@@ -192,22 +193,14 @@ def read_rows(a: argparse.Namespace, stats: Counter) -> Iterator[tuple[str | Non
         with open_source(path) as f:
             lines = (_decoded(raw, stats) for raw in f)  # bytes split on b"\n" only: CSV fields keep their "\r"
             rows = _csv_rows(path, lines, a, stats) if a.format == "csv" else _jsonl_rows(path, lines, a)
-            yield from ((text, _label(task, a.labels)) for text, task in rows)
+            yield from ((text, a.labels.get(int(task), task) if a.labels and task and task.isdigit() else task)
+                        for text, task in rows)  # the emotion corpus names its tasks 0 … 5
 
 
 def _decoded(raw: bytes, stats: Counter) -> str:
     line = raw.decode("utf-8", errors="replace")
     stats["invalid_utf8"] += line.count("\ufffd") - raw.count("\ufffd".encode())
     return line.removeprefix("\ufeff")  # a byte-order mark
-
-
-def _label(task: str | None, labels: list[str] | None) -> str | None:
-    """The task name of an integer label (the emotion corpus), or the task itself."""
-    if labels is None or task is None:
-        return task
-    if not (task.isdigit() and int(task) < len(labels)):
-        raise ValueError(f"label {task!r} is not one of 0..{len(labels) - 1} ({', '.join(labels)})")
-    return labels[int(task)]
 
 
 def _csv_rows(path: Path, lines: Iterator[str], a: argparse.Namespace, stats: Counter) -> Iterator[tuple]:
@@ -283,6 +276,8 @@ def index_rows(a: argparse.Namespace) -> tuple[list[str], np.ndarray, dict]:
         dropped["fewer fields than the header"] = stats["short"]
     return list(ids), np.array(row_task, dtype=np.int32), {"read": len(row_task) + stats["short"], "usable": usable,
                                                             "dropped": dict(dropped), "invalid_utf8_replaced": stats["invalid_utf8"]}
+
+
 def largest_remainder(total: int, weights: list[float]) -> list[int]:
     """Integers proportional to weights that add up to total: floors of the exact quotas, then the
     leftover units to the largest fractional parts (ties to the earlier weight). Exact fractions."""
@@ -306,10 +301,9 @@ def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[st
         return dict(zip(kept, largest_remainder(a.total, list(kept.values())))), {t: t for t in kept}
     if a.preset == "talkofnorway":
         # counted by the raw name, then named as the paper's code did: "Abid Q. Raja" -> "abid q raja"
-        task_of = {raw: raw.lower().replace(".", "") for raw, n in counts.items() if a.min_docs < n < a.max_docs}
-        raws = defaultdict(list)
-        for raw, task in task_of.items():
-            raws[task].append(raw)
+        raws: dict[str, list[str]] = {}
+        for raw in (raw for raw, n in counts.items() if a.min_docs < n < a.max_docs):
+            raws.setdefault(raw.lower().replace(".", ""), []).append(raw)
         for task, names in raws.items():
             if len(names) > 1:
                 warn(f"speakers {', '.join(map(repr, names))} all become {task!r}: their speeches form one task")
@@ -481,12 +475,11 @@ def publish(tmp: Path, out: Path) -> None:
 
 def table(meta: dict) -> str:
     """Documents and tokens per task and split, and their totals."""
+    rows = [(t, [meta["counts"][s][t][k] for s in SPLITS for k in ("docs", "tokens")]) for t in meta["tasks"]]
+    rows.append(("all", [sum(values[i] for _, values in rows) for i in range(2 * len(SPLITS))]))
     width = max(len(t) for t in [*meta["tasks"], "task"])
-    lines = [f"{'task':<{width}}" + "".join(f"{s + ' docs':>12}{s + ' tokens':>14}" for s in SPLITS)]
-    for t in [*meta["tasks"], "all"]:
-        cells = [[c[k] for task, c in meta["counts"][s].items() if t in (task, "all")] for s in SPLITS for k in ("docs", "tokens")]
-        lines.append(f"{t:<{width}}" + "".join(f"{sum(c):>{12 if i % 2 == 0 else 14},}" for i, c in enumerate(cells)))
-    return "\n".join(lines)
+    return "\n".join([f"{'task':<{width}}" + "".join(f"{s + ' docs':>12}{s + ' tokens':>14}" for s in SPLITS)] +
+                     [f"{t:<{width}}" + "".join(f"{v:>{14 if i % 2 else 12},}" for i, v in enumerate(values)) for t, values in rows])
 
 
 def warn(message: str) -> None:
@@ -532,8 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(a, key, value)
     a.sources, a.format = ([a.csv or a.jsonl], "csv" if a.csv else "jsonl") if a.csv or a.jsonl else (None, "jsonl")
     a.out = a.out or str(Path("data") / (a.preset or (a.csv or a.jsonl).name.split(".")[0]))
-    a.tasks = a.tasks and [t.strip() for t in a.tasks.split(",") if t.strip()] or (p.error("--tasks is empty; give "
-              "comma-separated task names") if a.tasks is not None else None)
+    if a.tasks is not None:
+        a.tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] or p.error("--tasks is empty; give task names")
     fractions = [float(f) if f.replace(".", "", 1).isdigit() else -1.0 for f in a.split.split(",")]
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] == 0 or abs(sum(fractions) - 1) > 1e-6:
         p.error(f"--split {a.split!r}: need three fractions train,val,test >= 0 adding up to 1, train > 0, like 0.5,0.25,0.25")

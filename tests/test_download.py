@@ -178,7 +178,7 @@ def test_prepare_data_without_arguments_fetches_the_emotion_corpus(hub, tmp_path
     monkeypatch.chdir(tmp_path)
     prepare_data.main([])
     meta = prepare_data.load_meta(tmp_path / "data" / "emotion")
-    assert meta["tasks"] == sorted(labels)
+    assert meta["tasks"] == sorted(labels.values()) == ["anger", "fear", "joy", "love", "sadness", "surprise"]
     assert sum(c["docs"] for split in meta["counts"].values() for c in split.values()) == 12 + 13 + 14
     hub.stop()  # a second preparation needs no network
     prepare_data.main(["--out", str(tmp_path / "again")])
