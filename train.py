@@ -4,17 +4,16 @@
     python train.py --tau 100           # -> out/emotion/ckpt.pt; then: python eval.py out/emotion/ckpt.pt
 
 BoRA puts every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I), and trains the MAP
-estimate. With the reference code's scale, where training document i counts with nll_i, the mean
-negative log-likelihood of its tokens, the objective is
+estimate. As in the papers' code, training document i counts with nll_i, the mean negative
+log-likelihood of its tokens, so the objective is
 
-    L(θ, Θ) = Σ_i nll_i  +  τ/2 · Σ_d ‖θ_d − Θ‖²
+    L(θ, Θ) = Σ_i nll_i  +  τ/2 · Σ_d ‖θ_d − Θ‖²            (train_step, prior)
 
-Σ_{i ∈ D_d} nll_i is −log P(D_d | θ_d) with every document's tokens averaged instead of summed, so τ
-acts per document, not per token: a task's pull towards Θ weakens with its number of documents,
-whatever their length (`--likelihood token-sum` uses the exact −log P; its τ is then per token).
-τ = 0 gives independent adapters; Θ is then undefined, and we store its τ → 0⁺ limit, the mean of the
-θ_d. τ = ∞ gives one shared adapter. The run folder --out gets ckpt.pt (best validation epoch),
-last.pt (for --resume, also written every few minutes and on Ctrl-C), log.jsonl and args.json.
+Σ_{i ∈ D_d} nll_i is −log P(D_d | θ_d) with each document's tokens averaged, not summed: τ acts per
+document (`--likelihood token-sum` takes the exact −log P, and τ acts per token). τ = 0: independent
+adapters (Θ is then undefined; we store its τ → 0⁺ limit, the tasks' mean); τ = ∞: one shared adapter.
+The run folder gets ckpt.pt (best validation epoch), last.pt (for --resume; also written every few
+minutes and on Ctrl-C), log.jsonl and args.json.
 """
 from __future__ import annotations
 
@@ -121,8 +120,29 @@ def train_step(model: BoRA, forward, opt: torch.optim.Optimizer, x: torch.Tensor
         nll_term += loss.item()
     if not math.isfinite(nll_term + prior_term.item()):
         raise FloatingPointError(f"loss is {nll_term + prior_term.item()}")  # before the step: weights stay sane
-    opt.step()
+    if 0 < cfg.tau < math.inf:
+        step_offsets(model, opt)
+    else:
+        opt.step()
     return nll_term, prior_term.item()
+
+
+@torch.no_grad()
+def step_offsets(model: BoRA, opt: torch.optim.Optimizer) -> None:
+    """opt.step() taken in the coordinates Θ and δ_d = θ_d − Θ: the same objective, better steps.
+
+    In θ, Θ learns only through the prior, so the shared part of the tasks' shift reaches Θ (and from
+    there the small tasks) slowly. With δ held fixed, ∂L/∂Θ pools every task's likelihood gradient;
+    Adam then moves Θ, and every θ_d moves with it."""
+    layers = list(model.adapted.values())
+    for m in layers:
+        m.A0.grad += m.A.grad.sum(0)  # ∂L/∂Θ|δ = ∂L/∂Θ|θ + Σ_d ∂L/∂θ_d
+        m.B0.grad += m.B.grad.sum(0)
+    theta = [(m.A0.clone(), m.B0.clone()) for m in layers]
+    opt.step()  # θ_d moves by its own step, which is δ_d's (∂L/∂δ_d = ∂L/∂θ_d) ...
+    for m, (A0, B0) in zip(layers, theta):
+        m.A += m.A0 - A0  # ... and by Θ's
+        m.B += m.B0 - B0
 
 
 @torch.no_grad()
@@ -182,6 +202,10 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
     opt.load_state_dict(last["optimizer"])
     torch.set_rng_state(last["rng"])  # adapter dropout continues where it was
     return last["state"]
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def jsonable(record: dict) -> dict:
@@ -277,8 +301,8 @@ def run(cfg: TrainConfig) -> None:
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
                 if state["step"] - steps0 == 3:  # enough steps to say how long this will take
-                    log(f"about {per_step * S / 60:.1f} min per epoch of {S} steps, {per_step * S * cfg.max_epochs / 3600:.1f} "
-                        f"h if all {cfg.max_epochs} epochs run", kind="estimate", seconds_per_step=per_step)
+                    log(f"about {duration(per_step * S)} per epoch of {S} steps, {duration(per_step * S * cfg.max_epochs)} "
+                        f"if all {cfg.max_epochs} epochs run (plus validation)", kind="estimate", seconds_per_step=per_step)
                 if i == S - 1 or time.time() - log.printed_at > 30:
                     log(f"epoch {epoch} step {i + 1}/{S}: likelihood term {nll:.1f}  prior term {prior_term:.4f}  "
                         f"{per_step:.2f} s/step", kind="train", epoch=epoch, step=state["step"], nll_term=nll, prior_term=prior_term)

@@ -160,6 +160,33 @@ def test_theta_map_is_the_mean_of_the_task_adapters(small):
     assert max(g.abs().max() for g in theta_grads()) < 1e-6
 
 
+def test_offset_steps_are_adam_on_theta_and_the_offsets(small):
+    """step_offsets takes exactly the steps AdamW would take on Θ and δ_d = θ_d − Θ (same objective)."""
+    model = perturbed_bora(small[1])
+    layers = list(model.adapted.values())
+
+    def objective(As, Bs, A0s, B0s) -> torch.Tensor:  # a stand-in likelihood, plus the prior with τ = 10
+        return sum((A.sin() * (d + 1)).sum() + (B ** 2).sum() + 5 * ((A - A0) ** 2).sum() + 5 * ((B - B0) ** 2).sum()
+                   for d, (A, B, A0, B0) in enumerate(zip(As, Bs, A0s, B0s)))
+
+    theta = [p.detach().clone().requires_grad_() for m in layers for p in (m.A0, m.B0)]  # Θ, then δ
+    delta = [(p - p0).detach().clone().requires_grad_() for m in layers for p, p0 in ((m.A, m.A0), (m.B, m.B0))]
+    reference = torch.optim.AdamW(theta + delta, lr=0.01, weight_decay=0.0)
+    ours = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.0)
+    for _ in range(3):
+        reference.zero_grad()
+        objective([t + d for t, d in zip(theta[0::2], delta[0::2])], [t + d for t, d in zip(theta[1::2], delta[1::2])],
+                  theta[0::2], theta[1::2]).backward()
+        reference.step()
+        ours.zero_grad()
+        objective([m.A for m in layers], [m.B for m in layers], [m.A0 for m in layers], [m.B0 for m in layers]).backward()
+        train.step_offsets(model, ours)
+    for i, m in enumerate(layers):
+        assert torch.allclose(m.A0, theta[2 * i], atol=1e-6) and torch.allclose(m.B0, theta[2 * i + 1], atol=1e-6)
+        assert torch.allclose(m.A, theta[2 * i] + delta[2 * i], atol=1e-6)
+        assert torch.allclose(m.B, theta[2 * i + 1] + delta[2 * i + 1], atol=1e-6)
+
+
 def test_micro_batches_give_the_same_step(small):
     data, hf = small
     split = prepare_data.load_split(data, "train")
