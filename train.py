@@ -13,13 +13,14 @@ log-likelihood of its tokens, so the objective is
 document (`--likelihood token-sum` takes the exact −log P, and τ acts per token). τ = 0: independent
 adapters (Θ is then undefined; we store its τ → 0⁺ limit, the tasks' mean); τ = ∞: one shared adapter.
 The run folder gets ckpt.pt (best validation epoch), last.pt (for --resume; also written every few
-minutes and on Ctrl-C), log.jsonl and args.json.
+minutes and on Ctrl-C or kill), log.jsonl and args.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -321,4 +322,5 @@ def run(cfg: TrainConfig) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, a scheduler's stop: saved like Ctrl-C
     main()

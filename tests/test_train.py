@@ -316,6 +316,24 @@ def test_ctrl_c_mid_epoch_saves_last_pt_and_resume_continues_exactly(small, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_killed_run_saves_last_pt_and_says_so_in_one_line(small, tmp_path):
+    """SIGTERM (`kill`, a cluster's time limit) stops a real train.py process like Ctrl-C: one line, a last.pt."""
+    data, hf = small
+    out = tmp_path / "run"
+    argv = [sys.executable, str(Path(train.__file__)), "--data", str(data), "--init", str(hf), "--out", str(out),
+            "--tau", "10", "--block-size", "32", "--batch-size", "2", "--max-epochs", "1000", "--patience", "1000"]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not run.stdout.readline().startswith("about "):  # the estimate: three steps are done
+            assert run.poll() is None, run.stderr.read()
+        run.terminate()
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 1 and err.startswith("interrupted at epoch ") and err.count("\n") == 1, err
+    assert torch.load(out / "last.pt", weights_only=True)["state"]["step"] >= 3
+
+
 def test_snapshots_inside_an_epoch(small, tmp_path, monkeypatch):
     data, hf = small
     saved = []
