@@ -162,7 +162,7 @@ PRESETS = {
     "talkofnorway": dict(text_col="text", task_col="rep_name", min_chars=40, min_docs=200, max_docs=1000, num_tasks=25),
 }
 DEFAULTS = dict(text_col="text", task_col="task", min_chars=0, labels=None)
-ONLY = {"min_task_size": ("spotify",), "total": ("spotify",), "num_tasks": ("talkofnorway",), "min_docs": ("talkofnorway",),
+ONLY = {"min_task_size": ("spotify",), "total": ("spotify", None, "emotion"), "num_tasks": ("talkofnorway",), "min_docs": ("talkofnorway",),
         "max_docs": ("talkofnorway",), "tasks": (None, "emotion"), "max_docs_per_task": (None, "emotion")}
 
 
@@ -296,9 +296,7 @@ def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[st
             top, n = max(counts.items(), key=lambda item: item[1])
             raise ValueError(f"no {a.task_col!r} value has at least {a.min_task_size} documents (the largest, {top!r}, "
                              f"has {n}); is this the Spotify lyrics file? lower the threshold with --min-task-size")
-        if a.total > sum(kept.values()):
-            raise ValueError(f"--total {a.total} is more than the {sum(kept.values())} documents of the kept tasks")
-        return dict(zip(kept, largest_remainder(a.total, list(kept.values())))), {t: t for t in kept}
+        return sample_total(kept, a.total), {t: t for t in kept}
     if a.preset == "talkofnorway":
         # counted by the raw name, then named as the paper's code did: "Abid Q. Raja" -> "abid q raja"
         raws: dict[str, list[str]] = {}
@@ -318,7 +316,15 @@ def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[st
     if unknown := [t for t in names if t not in counts]:
         raise ValueError(f"no usable documents of task(s) {', '.join(map(repr, unknown[:20]))} in {a.task_col!r}; "
                          f"its tasks are: {', '.join(map(repr, sorted(counts)[:20]))}")
-    return {t: min(a.max_docs_per_task or counts[t], counts[t]) for t in names}, {t: t for t in names}
+    take = {t: min(a.max_docs_per_task or counts[t], counts[t]) for t in names}
+    return sample_total(take, a.total) if a.total else take, {t: t for t in names}
+
+
+def sample_total(take: dict[str, int], total: int) -> dict[str, int]:
+    """--total: N documents in all, in the tasks' proportions, so that small tasks stay small."""
+    if total > sum(take.values()):
+        raise ValueError(f"--total {total} is more than the {sum(take.values())} documents of the kept tasks")
+    return dict(zip(take, largest_remainder(total, list(take.values()))))
 
 
 def assign_splits(names: list[str], row_task: np.ndarray, take: dict[str, int], task_of: dict[str, str],
@@ -508,7 +514,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", metavar="A,B,...", help="without a preset or with emotion: keep only these tasks")
     p.add_argument("--max-docs-per-task", metavar="N", type=positive, help="... and sample at most N documents of each")
     p.add_argument("--min-task-size", metavar="N", type=positive, help="spotify: keep tasks with >= N documents (5000)")
-    p.add_argument("--total", metavar="N", type=positive, help="spotify: then sample N in all, keeping their ratio (4933)")
+    p.add_argument("--total", metavar="N", type=positive, help="sample N documents in all, in the tasks' proportions (spotify: 4933)")
     p.add_argument("--num-tasks", metavar="N", type=positive, help="talkofnorway: the first N tasks by name (25) ...")
     p.add_argument("--min-docs", metavar="N", type=int, help="talkofnorway: ... of those with > N documents (200)")
     p.add_argument("--max-docs", metavar="N", type=int, help="talkofnorway: ... and < N documents (1000)")

@@ -308,7 +308,8 @@ def test_bad_options(tmp_path):
     src, out = str(nasty_csv(tmp_path / "n.csv")), str(tmp_path / "d")
     for split in ("0.5,0.5", "0.5,0.3,0.3", "a,b,c", "0,0.5,0.5", "0.5,-0.25,0.75"):
         assert "--split" in fails(["--csv", src, "--split", split, "--out", out], tmp_path)
-    assert "--total applies only to --preset spotify" in fails(["--csv", src, "--total", "10", "--out", out], tmp_path)
+    message = fails(["--csv", src, "--preset", "talkofnorway", "--total", "10", "--out", out], tmp_path)
+    assert "--total applies only to --preset spotify or runs without --preset" in message
     message = fails(["--csv", src, "--num-tasks", "3", "--out", out], tmp_path)
     assert "--num-tasks applies only to --preset talkofnorway" in message
     message = fails(["--csv", src, "--preset", "spotify", "--tasks", "a", "--out", out], tmp_path)
@@ -458,6 +459,17 @@ def test_spotify_preset_keeps_big_emotions_and_their_ratio(tmp_path):
         assert abs(n - 40 * kept[t] / sum(kept.values())) < 1
     assert taken == dict(zip(kept, pd_.largest_remainder(40, list(kept.values()))))
     assert meta["args"]["text_col"] == "text" and meta["args"]["task_col"] == "emotion"
+
+
+def test_total_samples_any_corpus_in_its_task_proportions(tmp_path):
+    """--total without a preset (a smaller run of the default data, say): small tasks stay small."""
+    src = str(spotify_csv(tmp_path / "s.csv", {"joy": 60, "fear": 20, "surprise": 12}))
+    main(["--csv", src, "--task-col", "emotion", "--total", "46", "--out", str(tmp_path / "d")])
+    meta = load_meta(tmp_path / "d")
+    assert {t: sum(meta["counts"][s][t]["docs"] for s in pd_.SPLITS) for t in meta["tasks"]} == \
+        {"fear": 10, "joy": 30, "surprise": 6}
+    assert "is more than the 92 documents" in fails(["--csv", src, "--task-col", "emotion", "--total", "93", "--out",
+                                                     str(tmp_path / "e")], tmp_path)
 
 
 def test_spotify_preset_errors(tmp_path):
