@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     torch.manual_seed(0)
     lora = LoRAConfig(rank=args.rank, alpha=float(args.rank))
-    base = GPT(GPTConfig()).to(device)  # GPT-2 124M shapes, random weights
-    bora = BoRA(copy.deepcopy(base), [f"task{d}" for d in range(args.tasks)], lora)
-    textbook = textbook_lora_gpt(base, lora.rank, lora.alpha)
+    base = GPT(GPTConfig())  # GPT-2 124M shapes, random weights
+    bora = BoRA(copy.deepcopy(base), [f"task{d}" for d in range(args.tasks)], lora).to(device)
+    textbook = textbook_lora_gpt(base, lora.rank, lora.alpha).to(device)
     del base
     tokens = torch.randint(0, bora.gpt.config.vocab_size, (args.batch_size, args.block_size + 1), device=device)
     idx, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each: predict the next token
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     # minute to the run and tell nothing the layer does not.
     x = torch.randn(args.batch_size, args.block_size, bora.gpt.config.n_embd, device=device, requires_grad=True)
     mixed_layer, textbook_layer = bora.gpt.transformer.h[0].attn.c_attn, textbook.transformer.h[0].attn.c_attn
-    single_layer = LoRALinear(copy.deepcopy(mixed_layer.base), 1, lora.rank, lora.alpha)
+    single_layer = LoRALinear(copy.deepcopy(mixed_layer.base), 1, lora.rank, lora.alpha).to(device)
     layers = [mixed_layer, single_layer, textbook_layer]
     layer_times, _ = median_times({
         "BoRA, mixed tasks": training_step(layers[0], lambda: layers[0](x, ids).square().mean()),
