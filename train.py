@@ -57,7 +57,8 @@ class TrainConfig:  # every field is a flag: --block-size for block_size
     targets: str = arg("c_attn", "comma list of c_attn, attn.c_proj, c_fc, mlp.c_proj")
     block_size: int = arg(256, "tokens per document >= 1; longer documents are cut")
     batch_size: int = arg(64, "documents per optimiser step >= 1")
-    micro_batch: int = arg(8, "documents per forward pass >= 1: less memory, exactly the same step")
+    micro_batch: int = arg(0, "documents per forward pass: less memory, exactly the same step; "
+                           "0 = 8 on a CPU (a laptop's memory), 32 on a GPU (16 GB)")
     max_epochs: int = arg(20, "epochs at most, >= 1")
     patience: int = arg(5, "stop after this many epochs (>= 1) without a better validation log-likelihood")
     seed: int = arg(1337, "seed of Θ's initialisation, the document order and dropout")
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kind)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     valid = dict(tau=cfg.tau >= 0, lr=cfg.lr > 0, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
-                 block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, micro_batch=cfg.micro_batch >= 1,
+                 block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, micro_batch=cfg.micro_batch >= 0,
                  max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1, save_every=cfg.save_every > 0,
                  dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
     for name in (name for name, ok in valid.items() if not ok):
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(cfg: TrainConfig) -> None:
     device, out = pick_device(cfg.device), Path(cfg.out)
+    cfg.micro_batch = cfg.micro_batch or (32 if device.startswith("cuda") else 8)  # README: Memory
     meta, train_split, val_split = load_meta(cfg.data), load_split(cfg.data, "train"), load_split(cfg.data, "val")
     gpt = GPT.from_pretrained(cfg.init)
     if cfg.block_size > gpt.config.block_size:

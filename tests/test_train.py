@@ -95,7 +95,7 @@ def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
 
 
 def cfg(**changes) -> train.TrainConfig:
-    return train.TrainConfig(**{"rank": 4, "block_size": 32, **changes})
+    return train.TrainConfig(**{"rank": 4, "block_size": 32, "micro_batch": 8, **changes})
 
 
 def direct_objective(model: BoRA, split, tau: float, block_size: int = 32) -> float:
@@ -240,13 +240,20 @@ def test_both_limits_get_the_same_default_learning_rate(small, tmp_path):
     assert lrs["0"] == lrs["inf"] == lrs["100"] == train.TrainConfig().lr
 
 
+def test_default_micro_batch_is_sized_for_the_device(small, tmp_path):
+    """--micro-batch 0 (the default) becomes 8 on a CPU, which a laptop holds; args.json records what ran."""
+    data, hf = small
+    run = train_run(data, hf, tmp_path / "run", "--tau", "10", "--max-epochs", "1")
+    assert json.loads((run / "args.json").read_text())["micro_batch"] == 8
+
+
 def test_flags_come_from_the_config_dataclass():
     c = train.parse_args(["--tau", "inf", "--targets", "c_attn,mlp.c_proj", "--micro-batch", "4", "--resume"])
     assert isinstance(c, train.TrainConfig) and c.tau == math.inf and c.micro_batch == 4 and c.resume
     assert c.targets == "c_attn,mlp.c_proj" and LoRAConfig(targets=c.targets).targets == ("c_attn", "mlp.c_proj")
     d = train.parse_args([])
     assert (d.rank, d.alpha, d.block_size, d.batch_size, d.max_epochs, d.patience) == (16, 16.0, 256, 64, 20, 5)
-    assert d.data == "data/emotion" and d.micro_batch < d.batch_size  # the default run fits a laptop
+    assert d.data == "data/emotion" and d.micro_batch == 0  # sized for the device when the run starts
 
 
 # ---- checkpoints, resume, divergence ------------------------------------------------------------
