@@ -86,7 +86,7 @@ def test_load_checkpoint_refuses_what_is_not_one(setup, tmp_path):
 
 
 def test_single_report(setup):
-    text = run_eval(setup["ckpts"][10.0], "--split", "val")
+    text = run_eval(setup["ckpts"][10.0], "--split", "val", "--device", "cpu")  # the report below runs on the CPU
     assert "tau=10" in text and "token-weighted" in text and "task-averaged" in text
     model, _ = load_checkpoint(setup["ckpts"][10.0])
     report = evaluate_cli.evaluate_checkpoint(setup["ckpts"][10.0], split="val")
