@@ -317,11 +317,13 @@ def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[st
         raise ValueError(f"no usable documents of task(s) {', '.join(map(repr, unknown[:20]))} in {a.task_col!r}; "
                          f"its tasks are: {', '.join(map(repr, sorted(counts)[:20]))}")
     take = {t: min(a.max_docs_per_task or counts[t], counts[t]) for t in names}
-    return sample_total(take, a.total) if a.total else take, {t: t for t in names}
+    return sample_total(take, a.total), {t: t for t in names}
 
 
-def sample_total(take: dict[str, int], total: int) -> dict[str, int]:
+def sample_total(take: dict[str, int], total: int | None) -> dict[str, int]:
     """--total: N documents in all, in the tasks' proportions, so that small tasks stay small."""
+    if total is None:
+        return take
     if total > sum(take.values()):
         raise ValueError(f"--total {total} is more than the {sum(take.values())} documents of the kept tasks")
     return dict(zip(take, largest_remainder(total, list(take.values()))))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_hf_checkpoint
 
 import gpt2
 from gpt2 import GPT
