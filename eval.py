@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from bora import load_checkpoint, pick_device
-from prepare_data import evaluate, load_meta, load_split, summarise
+from prepare_data import evaluate, load_meta, load_split
 
 
 def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None, batch_size: int = 16,
@@ -31,8 +31,8 @@ def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None,
         raise ValueError(f"{data} is not the dataset {path} was trained on (its documents or splits differ: prepared "
                          f"from another source, --seed or --split?); pass the right folder with --data")
     s = load_split(data, split)
-    m = summarise(*evaluate(model, s, len(model.task_names), ckpt["args"]["block_size"], batch_size, device,
-                            label=f"{path} {split}"))  # float32 on every device: these are the numbers we report
+    m = evaluate(model, s, len(model.task_names), ckpt["args"]["block_size"], batch_size, device,
+                 label=f"{path} {split}")  # float32 on every device: these are the numbers we report
     columns = dict(task=model.task_names, train_docs=ckpt["train_sizes"], docs=np.bincount(s.task_ids,
                    minlength=len(model.task_names)).tolist(), tokens=m["tokens"], ll=m["ll"], ppl=m["ppl"],
                    distance=model.distances().tolist())  # ‖θ_d − Θ‖ over all adapted layers (0 when τ = ∞)

@@ -31,13 +31,11 @@ import shutil
 import sys
 import time
 import zlib
-from array import array
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -114,8 +112,9 @@ def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, split: Split, num_tasks: int, block_size: int, batch_size: int, device: str,
-             autocast=nullcontext(), label: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token NLL (D,) float64 and scored tokens (D,) int64 per task over a split; progress on stderr."""
+             autocast=nullcontext(), label: str = "eval") -> dict:
+    """Mean log-likelihood per token and perplexity of a split: per task, token-weighted (every token
+    counts once: big tasks dominate) and averaged over tasks (every task counts once: the papers' tables)."""
     was_training, started, shown = model.training, time.time(), time.time()
     model.eval()  # no adapter dropout while measuring
     nll, tokens = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.int64)
@@ -131,14 +130,8 @@ def evaluate(model, split: Split, num_tasks: int, block_size: int, batch_size: i
             print(f"{label}: {done}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - done) / rate:.0f} s left",
                   file=sys.stderr, flush=True)
     model.train(was_training)
-    return nll, tokens
-
-
-def summarise(nll: torch.Tensor, tokens: torch.Tensor) -> dict:
-    """Mean log-likelihood per token and perplexity: per task, token-weighted, and averaged over tasks."""
     ll = (-nll / tokens.clamp(min=1)).tolist()
-    token_ll = -nll.sum().item() / max(tokens.sum().item(), 1)  # every token counts once: big tasks dominate
-    task_ll = sum(ll) / len(ll)  # every task counts once: the papers' tables
+    token_ll, task_ll = -nll.sum().item() / max(tokens.sum().item(), 1), sum(ll) / len(ll)
     return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": tokens.tolist(),
             "ll_token_weighted": token_ll, "ppl_token_weighted": math.exp(-token_ll),
             "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
@@ -150,9 +143,9 @@ EMOTION = ("dair-ai/emotion", "0f2013aff0f120885b4892bddfe59faafa13a310",  # a r
            ("data/train.jsonl.gz", "data/validation.jsonl.gz", "data/test.jsonl.gz"))
 PRESETS = {
     # The default: ~20k English tweets (dair-ai/emotion), the lyrics reproduction's six emotions as
-    # integer labels; the dataset card's order: sadness, joy, love, anger, fear, surprise.
-    "emotion": dict(text_col="text", task_col="label", labels=dict(enumerate(["sadness", "joy", "love", "anger", "fear",
-                                                                             "surprise"]))),
+    # integer labels in the dataset card's order.
+    "emotion": dict(text_col="text", task_col="label",
+                    labels=dict(enumerate(["sadness", "joy", "love", "anger", "fear", "surprise"]))),
     # The lyrics paper (Kaggle, "500k+ Spotify songs"): emotions with at least 5000 songs, then 4933
     # songs sampled keeping their ratio (50 `surprise` … 1869 `joy`).
     "spotify": dict(text_col="text", task_col="emotion", min_task_size=5000, total=4933),
@@ -162,53 +155,40 @@ PRESETS = {
     "talkofnorway": dict(text_col="text", task_col="rep_name", min_chars=40, min_docs=200, max_docs=1000, num_tasks=25),
 }
 DEFAULTS = dict(text_col="text", task_col="task", min_chars=0, labels=None)
-ONLY = {"min_task_size": ("spotify",), "total": ("spotify", None, "emotion"), "num_tasks": ("talkofnorway",), "min_docs": ("talkofnorway",),
-        "max_docs": ("talkofnorway",), "tasks": (None, "emotion"), "max_docs_per_task": (None, "emotion")}
+ONLY = {"min_task_size": ("spotify",), "total": ("spotify", None, "emotion"), "num_tasks": ("talkofnorway",),
+        "min_docs": ("talkofnorway",), "max_docs": ("talkofnorway",), "tasks": (None, "emotion"),
+        "max_docs_per_task": (None, "emotion")}  # options for some presets only; None: no preset
 
 
-# ---- Reading the source, row by row ----
+# ---- Pass 1: every row's task and a hash of its text; then the tasks, rows and splits to use ----
 
-def check_source(path: Path) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{path} is not a file")
-    with open_source(path) as f:  # a broken .gz raises gzip's own one-line OSError here
-        head = f.read(1 << 16)
-    if not head:
-        raise ValueError(f"{path} is empty")
-    if b"\0" in head:  # never in UTF-8 text; always in binary, compressed or UTF-16 files
-        raise ValueError(f"{path} is not a UTF-8 text file (it contains NUL bytes: binary, compressed or UTF-16?)")
-
-
-def open_source(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def read_rows(a: argparse.Namespace, stats: Counter) -> Iterator[tuple[str | None, str | None]]:
-    """(text, task) of every row of every source file, in order; None where a value is missing.
-
-    Invalid UTF-8 becomes U+FFFD, counted in stats["invalid_utf8"] (minus the U+FFFD the file really holds)."""
+def read_rows(a: argparse.Namespace, stats: Counter):
+    """(text, task) of every row of every source file, in order; None where a value is missing. Invalid
+    UTF-8 becomes U+FFFD, counted in stats["invalid_utf8"] (less the U+FFFD the file really holds)."""
     for path in a.sources:
-        with open_source(path) as f:
-            lines = (_decoded(raw, stats) for raw in f)  # bytes split on b"\n" only: CSV fields keep their "\r"
-            rows = _csv_rows(path, lines, a, stats) if a.format == "csv" else _jsonl_rows(path, lines, a)
-            yield from ((text, a.labels.get(int(task), task) if a.labels and task and task.isdigit() else task)
-                        for text, task in rows)  # the emotion corpus names its tasks 0 … 5
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            if not (head := f.peek(1 << 16)):  # a broken .gz raises gzip's own one-line OSError here
+                raise ValueError(f"{path} is empty")
+            if b"\0" in head:  # never in UTF-8 text; always in binary, compressed or UTF-16 files
+                raise ValueError(f"{path} is not a UTF-8 text file (it contains NUL bytes: binary, compressed or UTF-16?)")
+            lines = (decode(raw, stats) for raw in f)  # bytes split on b"\n" only: CSV fields keep their "\r"
+            for text, task in (csv_rows if a.format == "csv" else jsonl_rows)(path, lines, a, stats):
+                yield text, a.labels.get(int(task), task) if a.labels and task and task.isdigit() else task
 
 
-def _decoded(raw: bytes, stats: Counter) -> str:
+def decode(raw: bytes, stats: Counter) -> str:
     line = raw.decode("utf-8", errors="replace")
     stats["invalid_utf8"] += line.count("\ufffd") - raw.count("\ufffd".encode())
     return line.removeprefix("\ufeff")  # a byte-order mark
 
 
-def _csv_rows(path: Path, lines: Iterator[str], a: argparse.Namespace, stats: Counter) -> Iterator[tuple]:
+def csv_rows(path: Path, lines, a: argparse.Namespace, stats: Counter):
     csv.field_size_limit(2**31 - 1)  # real lyrics and speeches exceed the default 128 KiB field limit
     reader = csv.reader(lines)
     try:
-        header = [name.strip() for name in next(reader, [])]
-        text_i, task_i = _columns(path, header, a)
+        text_i, task_i = columns(path, [name.strip() for name in next(reader, [])], a)
         for row in reader:
             if len(row) > max(text_i, task_i):
                 yield row[text_i], row[task_i]
@@ -218,11 +198,9 @@ def _csv_rows(path: Path, lines: Iterator[str], a: argparse.Namespace, stats: Co
         raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
 
 
-def _jsonl_rows(path: Path, lines: Iterator[str], a: argparse.Namespace) -> Iterator[tuple]:
-    first = True
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+def jsonl_rows(path: Path, lines, a: argparse.Namespace, stats: Counter):
+    numbered = ((number, line) for number, line in enumerate(lines, start=1) if line.strip())  # blank lines skipped
+    for i, (number, line) in enumerate(numbered):
         try:
             row = json.loads(line)
         except ValueError as e:
@@ -230,16 +208,15 @@ def _jsonl_rows(path: Path, lines: Iterator[str], a: argparse.Namespace) -> Iter
                              "each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}, line {number}: expected a JSON object, found {type(row).__name__}")
-        if first:
-            _columns(path, list(row), a)  # the first object plays the part of a CSV header
-            first = False
+        if i == 0:
+            columns(path, list(row), a)  # the first object plays the part of a CSV header
         values = [row.get(a.text_col), row.get(a.task_col)]
         if bad := [v for v in values if isinstance(v, (list, dict))]:
             raise ValueError(f"{path}, line {number}: expected text, found a JSON {type(bad[0]).__name__}")
         yield tuple(None if v is None or v != v else str(v) for v in values)  # null and NaN are missing
 
 
-def _columns(path: Path, header: list[str], a: argparse.Namespace) -> tuple[int, int]:
+def columns(path: Path, header: list[str], a: argparse.Namespace) -> tuple[int, int]:
     for which, col in (("text", a.text_col), ("task", a.task_col)):
         if col not in header:
             hint = " (is the file comma-separated?)" if len(header) == 1 and any(c in header[0] for c in ";\t|") else ""
@@ -249,33 +226,30 @@ def _columns(path: Path, header: list[str], a: argparse.Namespace) -> tuple[int,
     return header.index(a.text_col), header.index(a.task_col)
 
 
-def blank(value: str | None) -> bool:
-    """Missing: None, "", only whitespace, or "nan" as pandas writes a missing cell."""
-    return value is None or value == "" or value.isspace() or (len(value) < 8 and value.strip().lower() == "nan")
+def index_rows(a: argparse.Namespace) -> tuple[dict[str, list[int]], dict]:
+    """The usable rows of each task (row numbers in file order) and a report of the rows read, usable and
+    dropped. A text is kept only as a hash, to find exact duplicates within its task."""
+    stats, dropped, rows_of, seen = Counter(), Counter(), {}, set()
 
+    def blank(value: str | None) -> bool:  # missing: None, only whitespace, or "nan" as pandas writes an empty cell
+        return value is None or not value.strip() or (len(value) < 8 and value.strip().lower() == "nan")
 
-# ---- Pass 1: every row's task, then which tasks, rows and splits to use ----
-
-def index_rows(a: argparse.Namespace) -> tuple[list[str], np.ndarray, dict]:
-    """Task names (in order of appearance), each row's index into them ((n_rows,) int32, -1 for a dropped
-    row) and a report of the rows read, usable and dropped. Only a hash of each text is kept."""
-    stats, dropped, ids, seen, row_task = Counter(), Counter(), {}, set(), array("i")
-    for text, task in read_rows(a, stats):
+    for row, (text, task) in enumerate(read_rows(a, stats)):
         reason = ("empty text" if blank(text) else "no task" if blank(task)
                   else f"text shorter than {a.min_chars} characters" if len(text) < a.min_chars else None)
         if reason is None:
             task = task.strip()
-            key = hashlib.blake2b(f"{task}\0{text}".encode(), digest_size=8).digest()
-            reason = "exact duplicate of an earlier text of its task" if key in seen else None
-            seen.add(key)
-        dropped[reason] += reason is not None
-        row_task.append(-1 if reason else ids.setdefault(task, len(ids)))
-    del dropped[None]
-    usable = len(row_task) - sum(dropped.values())
+            if (key := hashlib.blake2b(f"{task}\0{text}".encode(), digest_size=8).digest()) not in seen:
+                seen.add(key)
+                rows_of.setdefault(task, []).append(row)
+                continue
+            reason = "exact duplicate of an earlier text of its task"
+        dropped[reason] += 1
     if stats["short"]:
         dropped["fewer fields than the header"] = stats["short"]
-    return list(ids), np.array(row_task, dtype=np.int32), {"read": len(row_task) + stats["short"], "usable": usable,
-                                                            "dropped": dict(dropped), "invalid_utf8_replaced": stats["invalid_utf8"]}
+    usable = sum(map(len, rows_of.values()))
+    return rows_of, {"read": usable + sum(dropped.values()), "usable": usable, "dropped": dict(dropped),
+                     "invalid_utf8_replaced": stats["invalid_utf8"]}
 
 
 def largest_remainder(total: int, weights: list[float]) -> list[int]:
@@ -290,21 +264,12 @@ def largest_remainder(total: int, weights: list[float]) -> list[int]:
 
 def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[str, int], dict[str, str]]:
     """({task: documents to use}, {name in the source: task}) for the tasks the preset or --tasks selects."""
-    if a.preset == "spotify":
-        kept = {t: n for t, n in sorted(counts.items()) if n >= a.min_task_size}
-        if not kept:
-            top, n = max(counts.items(), key=lambda item: item[1])
-            raise ValueError(f"no {a.task_col!r} value has at least {a.min_task_size} documents (the largest, {top!r}, "
-                             f"has {n}); is this the Spotify lyrics file? lower the threshold with --min-task-size")
-        return sample_total(kept, a.total), {t: t for t in kept}
-    if a.preset == "talkofnorway":
-        # counted by the raw name, then named as the paper's code did: "Abid Q. Raja" -> "abid q raja"
+    if a.preset == "talkofnorway":  # counted by raw name, then named as the paper's code did: "Abid Q. Raja" -> "abid q raja"
         raws: dict[str, list[str]] = {}
         for raw in (raw for raw, n in counts.items() if a.min_docs < n < a.max_docs):
             raws.setdefault(raw.lower().replace(".", ""), []).append(raw)
-        for task, names in raws.items():
-            if len(names) > 1:
-                warn(f"speakers {', '.join(map(repr, names))} all become {task!r}: their speeches form one task")
+        for task in (task for task, names in raws.items() if len(names) > 1):
+            warn(f"speakers {', '.join(map(repr, raws[task]))} all become {task!r}: their speeches form one task")
         if not raws:
             raise ValueError(f"no {a.task_col!r} value has more than {a.min_docs} and fewer than {a.max_docs} texts of "
                              f"at least {a.min_chars} characters; is this the Talk of Norway file? adjust --min-docs/--max-docs")
@@ -312,26 +277,27 @@ def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[st
             warn(f"only {len(raws)} tasks have between {a.min_docs} and {a.max_docs} documents; using them all")
         chosen = sorted(raws)[:a.num_tasks]
         return {t: sum(counts[raw] for raw in raws[t]) for t in chosen}, {raw: t for t in chosen for raw in raws[t]}
-    names = a.tasks or sorted(counts)
-    if unknown := [t for t in names if t not in counts]:
-        raise ValueError(f"no usable documents of task(s) {', '.join(map(repr, unknown[:20]))} in {a.task_col!r}; "
-                         f"its tasks are: {', '.join(map(repr, sorted(counts)[:20]))}")
-    take = {t: min(a.max_docs_per_task or counts[t], counts[t]) for t in names}
-    return sample_total(take, a.total), {t: t for t in names}
+    if a.preset == "spotify":
+        take = {t: n for t, n in sorted(counts.items()) if n >= a.min_task_size}
+        if not take:
+            top, n = max(counts.items(), key=lambda item: item[1])
+            raise ValueError(f"no {a.task_col!r} value has at least {a.min_task_size} documents (the largest, {top!r}, "
+                             f"has {n}); is this the Spotify lyrics file? lower the threshold with --min-task-size")
+    else:
+        if unknown := [t for t in a.tasks or () if t not in counts]:
+            raise ValueError(f"no usable documents of task(s) {', '.join(map(repr, unknown[:20]))} in {a.task_col!r}; "
+                             f"its tasks are: {', '.join(map(repr, sorted(counts)[:20]))}")
+        take = {t: min(a.max_docs_per_task or counts[t], counts[t]) for t in a.tasks or sorted(counts)}
+    if a.total is not None:  # N documents in all, in the tasks' proportions, so that small tasks stay small
+        if a.total > sum(take.values()):
+            raise ValueError(f"--total {a.total} is more than the {sum(take.values())} documents of the kept tasks")
+        take = dict(zip(take, largest_remainder(a.total, list(take.values()))))
+    return take, {t: t for t in take}
 
 
-def sample_total(take: dict[str, int], total: int | None) -> dict[str, int]:
-    """--total: N documents in all, in the tasks' proportions, so that small tasks stay small."""
-    if total is None:
-        return take
-    if total > sum(take.values()):
-        raise ValueError(f"--total {total} is more than the {sum(take.values())} documents of the kept tasks")
-    return dict(zip(take, largest_remainder(total, list(take.values()))))
-
-
-def assign_splits(names: list[str], row_task: np.ndarray, take: dict[str, int], task_of: dict[str, str],
-                  a: argparse.Namespace) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(the tasks, sorted; each row's index into them; each row's split 0/1/2 = train/val/test), -1 if unused.
+def assign_splits(rows_of: dict[str, list[int]], take: dict[str, int], task_of: dict[str, str],
+                  a: argparse.Namespace) -> tuple[list[str], dict[int, tuple[int, int]]]:
+    """The tasks, sorted, and {row: (split 0/1/2 = train/val/test, task id)} of every row to use.
 
     Each task draws its documents and splits with a generator seeded from --seed and its own name, so
     they do not depend on which other tasks are chosen."""
@@ -344,17 +310,16 @@ def assign_splits(names: list[str], row_task: np.ndarray, take: dict[str, int], 
         warn(f"dropped task {t!r}: {n} document(s), {how}")
     if not (tasks := sorted(set(take) - set(small))):
         raise ValueError(f"every task has {how}")
-    index = {t: i for i, t in enumerate(tasks)}  # dict lookups: linear in the number of tasks
-    row_final = np.array([index.get(task_of.get(n), -1) for n in names] + [-1])[row_task]  # row_task -1 picks the last
-    row_split = np.full(len(row_task), -1, dtype=np.int8)
-    order = np.argsort(row_final, kind="stable")  # rows grouped by task, each group in file order
-    ends = np.cumsum(np.bincount(row_final + 1, minlength=len(tasks) + 1))  # unused rows (-1) first
+    rows = {t: [] for t in tasks}
+    for name, its_rows in rows_of.items():  # talkofnorway: several names in the source may form one task
+        rows.get(task_of.get(name), []).extend(its_rows)
+    assignment = {}
     for i, task in enumerate(tasks):
         rng = np.random.default_rng([a.seed, zlib.crc32(task.encode("utf-8"))])
-        chosen = rng.permutation(order[ends[i]:ends[i + 1]])[:take[task]]  # a uniformly random subset
+        chosen = rng.permutation(sorted(rows[task]))[:take[task]]  # a uniformly random subset
         for s, part in enumerate(np.split(chosen, np.cumsum(largest_remainder(take[task], a.split))[:-1])):
-            row_split[part] = s
-    return tasks, row_final, row_split
+            assignment.update(dict.fromkeys(part.tolist(), (s, i)))
+    return tasks, assignment
 
 
 # ---- Pass 2: tokenise the chosen rows into the split files ----
@@ -383,36 +348,27 @@ def encode_document(enc, text: str, task: str | None) -> tuple[list[int], int]:
     return prompt + enc.encode_ordinary(" " + text if prompt else text) + [enc.eot_token], len(prompt)
 
 
-def write_splits(a: argparse.Namespace, row_final: np.ndarray, row_split: np.ndarray, tasks: list[str],
-                 folder: Path, enc) -> dict:
+def write_splits(a: argparse.Namespace, assignment: dict[int, tuple[int, int]], tasks: list[str], folder: Path,
+                 enc) -> dict:
     """Read the source again, tokenise each chosen row into its split, write the arrays; return the counts."""
     prompts = [prompt_ids(enc, t if a.task_prompt else None) for t in tasks]
-    parts = {s: ([], [], []) for s in range(len(SPLITS))}  # split -> (documents' tokens, task ids, prompt lengths)
-    batch: list[tuple[int, int, str]] = []  # (split, task, text)
-
-    def flush() -> None:  # the batched form of encode_document: tiktoken's threads tokenise many at once
-        bodies = enc.encode_ordinary_batch([" " + text if a.task_prompt else text for _, _, text in batch], num_threads=8)
-        for (s, t, _), body in zip(batch, bodies):
-            for values, value in zip(parts[s], (np.array(prompts[t] + body + [enc.eot_token], np.uint16), t, len(prompts[t]))):
-                values.append(value)
-        batch.clear()
-
-    for s, t, (text, _) in zip(row_split.tolist(), row_final.tolist(), read_rows(a, Counter())):
-        if s >= 0:
-            batch.append((s, t, text))
-            if len(batch) >= 1024:
-                flush()
-    flush()
+    docs = [[] for _ in SPLITS]  # per split: (task id, tokens (n,) uint16) of each document, in file order
+    rows = ((*assignment[row], text) for row, (text, _) in enumerate(read_rows(a, Counter())) if row in assignment)
+    while chunk := list(itertools.islice(rows, 1024)):  # encode_document, batched: tiktoken's threads share a chunk
+        bodies = enc.encode_ordinary_batch([" " + text if a.task_prompt else text for *_, text in chunk], num_threads=8)
+        for (s, t, _), body in zip(chunk, bodies):
+            docs[s].append((t, np.array(prompts[t] + body + [enc.eot_token], np.uint16)))
     counts = {}
-    for s, (docs, task_ids, prompt_lens) in parts.items():
-        lengths, task_ids = np.array([len(d) for d in docs], np.int64), np.array(task_ids, np.int64)
-        arrays = dict(tokens=np.concatenate(docs or [np.zeros(0, np.uint16)]), offsets=np.concatenate([[0], lengths.cumsum()]),
-                      task_ids=task_ids, prompt_lens=np.array(prompt_lens, np.int64))
-        (folder / SPLITS[s]).mkdir()
-        for name, array_ in arrays.items():
-            np.save(folder / SPLITS[s] / f"{name}.npy", array_)
+    for split, split_docs in zip(SPLITS, docs):
+        task_ids = np.array([t for t, _ in split_docs], np.int64)
+        lengths = np.array([len(d) for _, d in split_docs], np.int64)
+        (folder / split).mkdir()
+        for name, array in dict(tokens=np.concatenate([d for _, d in split_docs] or [np.zeros(0, np.uint16)]),
+                                offsets=np.concatenate([[0], lengths.cumsum()]), task_ids=task_ids,
+                                prompt_lens=np.array([len(prompts[t]) for t in task_ids], np.int64)).items():
+            np.save(folder / split / f"{name}.npy", array)
         n_docs, n_tokens = np.bincount(task_ids, minlength=len(tasks)), np.bincount(task_ids, lengths, len(tasks))
-        counts[SPLITS[s]] = {t: {"docs": int(n_docs[i]), "tokens": int(n_tokens[i])} for i, t in enumerate(tasks)}
+        counts[split] = {t: {"docs": int(n_docs[i]), "tokens": int(n_tokens[i])} for i, t in enumerate(tasks)}
     return counts
 
 
@@ -436,49 +392,41 @@ def prepare(a: argparse.Namespace) -> dict:
         raise ValueError(f"refusing to replace {out}: it is not a folder written by prepare_data.py (no meta.json)")
     if a.sources is None:  # the default corpus, fetched once into the Hugging Face cache
         a.sources = [hub_file(EMOTION[0], file, EMOTION[1], kind="dataset") for file in EMOTION[2]]
-    for path in a.sources:
-        check_source(path)
     enc = gpt2_encoding()
-    names, row_task, rows = index_rows(a)  # pass 1
-    counts = dict(zip(names, np.bincount(row_task[row_task >= 0], minlength=len(names)).tolist()))
-    print(f"read {rows['read']:,} rows of {', '.join(p.name for p in a.sources)}: {rows['usable']:,} usable, {len(counts):,} tasks")
+    rows_of, rows = index_rows(a)  # pass 1
+    counts = {task: len(its_rows) for task, its_rows in rows_of.items()}
+    print(f"read {rows['read']:,} rows of {', '.join(p.name for p in a.sources)}: {rows['usable']:,} usable, "
+          f"{len(counts):,} tasks")
     if rows["invalid_utf8_replaced"]:
         warn(f"replaced {rows['invalid_utf8_replaced']} invalid UTF-8 sequence(s) with U+FFFD")
     for reason, n in rows["dropped"].items():
         warn(f"dropped {n} row(s): {reason}")
     if not counts:
         raise ValueError(f"{a.sources[0]} has no usable rows (texts in {a.text_col!r}, tasks in {a.task_col!r})")
-    tasks, row_final, row_split = assign_splits(names, row_task, *choose_tasks(counts, a), a)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # hidden, beside the target
-    tmp.mkdir()
+    tasks, assignment = assign_splits(rows_of, *choose_tasks(counts, a), a)
+    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}" for kind in ("tmp", "old"))
+    tmp.mkdir(parents=True)  # hidden, beside the target
     try:
         meta = {"format": FORMAT, "encoding": ENCODING, "tasks": tasks, "task_prompt": a.task_prompt,
-                "counts": write_splits(a, row_final, row_split, tasks, tmp, enc), "rows": rows,  # pass 2
+                "counts": write_splits(a, assignment, tasks, tmp, enc), "rows": rows,  # pass 2
                 "fingerprint": fingerprint(tmp, tasks), "sources": [str(p) for p in a.sources],
                 "args": {k: v for k, v in vars(a).items() if k != "sources"}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        publish(tmp, out)
+        if out.exists():  # the old folder is removed only once the new one is in its place
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old.exists():
+                os.rename(old, out)
+            raise
     except BaseException:  # Ctrl-C included: never a half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     print(table(meta))
     print(f"wrote {out}")
     return meta
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one is removed only once the new one is there."""
-    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-    if out.exists():
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def table(meta: dict) -> str:

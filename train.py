@@ -31,7 +31,7 @@ import torch
 
 from bora import BoRA, LoRAConfig, pick_device
 from gpt2 import GPT, atomic_write
-from prepare_data import evaluate, load_meta, load_split, make_batch, summarise, token_nll
+from prepare_data import evaluate, load_meta, load_split, make_batch, token_nll
 
 try:
     import fcntl  # the run lock; Windows has none, and runs there go unlocked
@@ -275,7 +275,7 @@ def run(cfg: TrainConfig) -> None:
                      "state": state, "optimizer": opt.state_dict(), "rng": rng}, tmp))
 
     def validate(epoch: int) -> None:
-        m = summarise(*evaluate(model, val_split, D, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val"))
+        m = evaluate(model, val_split, D, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val")
         improved = m["ll_task_avg"] > state["best_ll"]
         if improved:
             atomic_write(out / "ckpt.pt", lambda tmp: torch.save(checkpoint(cfg, model, meta, epoch, m), tmp))
