@@ -1,20 +1,15 @@
 """Turn a corpus into a tokenised multi-task dataset for BoRA on GPT-2, and read it back.
 
-Every row is a document: one column holds its text, another its task (an emotion, a speaker, ...).
-Exact duplicate texts within a task are dropped, each task's documents are split train/val/test
-(50/25/25 by default, seeded) and tokenised with GPT-2's BPE as "[task] text<|endoftext|>":
+Every row of a CSV or JSONL file is a document: one column holds its text, another its task (an
+emotion, a speaker, ...). Exact duplicates within a task are dropped, each task's documents are split
+train/val/test (50/25/25 by default, seeded) and tokenised with GPT-2's BPE as "[task] text<|endoftext|>":
 
     data/NAME/meta.json          tasks, docs and tokens per split and task, rows dropped, fingerprint, arguments
     data/NAME/{train,val,test}/  tokens.npy (uint16, the documents one after another), offsets.npy (n_docs + 1,),
                                  task_ids.npy and prompt_lens.npy (n_docs,): document i = tokens[offsets[i]:offsets[i+1]]
 
-    python prepare_data.py                                          # dair-ai/emotion, downloaded once
-    python prepare_data.py --csv spotify_songs.csv --preset spotify          # the lyrics paper's data
-    python prepare_data.py --csv talk_of_norway.csv --preset talkofnorway    # the BoRA paper's data
-    python prepare_data.py --jsonl notes.jsonl --text-col body --task-col label --out data/notes
-
-The source is read twice, streaming: first each row's task and a hash of its text (to count, drop
-duplicates and choose rows without holding any text), then the chosen rows are tokenised.
+The source is streamed twice: first each row's task and a hash of its text (to count, drop duplicates
+and choose rows without holding any text), then the chosen rows are tokenised. The README lists the commands.
 """
 from __future__ import annotations
 
@@ -173,12 +168,12 @@ def read_rows(a: argparse.Namespace, stats: Counter):
                 raise ValueError(f"{path} is empty")
             if b"\0" in head:  # never in UTF-8 text; always in binary, compressed or UTF-16 files
                 raise ValueError(f"{path} is not a UTF-8 text file (it contains NUL bytes: binary, compressed or UTF-16?)")
-            lines = (decode(raw, stats) for raw in f)  # bytes split on b"\n" only: CSV fields keep their "\r"
+            lines = (decoded(raw, stats) for raw in f)  # bytes split on b"\n" only: CSV fields keep their "\r"
             for text, task in (csv_rows if a.format == "csv" else jsonl_rows)(path, lines, a, stats):
                 yield text, a.labels.get(int(task), task) if a.labels and task and task.isdigit() else task
 
 
-def decode(raw: bytes, stats: Counter) -> str:
+def decoded(raw: bytes, stats: Counter) -> str:
     line = raw.decode("utf-8", errors="replace")
     stats["invalid_utf8"] += line.count("\ufffd") - raw.count("\ufffd".encode())
     return line.removeprefix("\ufeff")  # a byte-order mark
@@ -412,18 +407,15 @@ def prepare(a: argparse.Namespace) -> dict:
                 "fingerprint": fingerprint(tmp, tasks), "sources": [str(p) for p in a.sources],
                 "args": {k: v for k, v in vars(a).items() if k != "sources"}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        if out.exists():  # the old folder is removed only once the new one is in its place
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old.exists():
-                os.rename(old, out)
-            raise
-    except BaseException:  # Ctrl-C included: never a half-written folder
+        if out.exists():
+            os.rename(out, old)  # the old folder stays until the new one is complete ...
+        os.rename(tmp, out)
+    except BaseException:  # Ctrl-C included: never a half-written folder, and the old one back in place
+        if old.exists() and not out.exists():
+            os.rename(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # ... and goes once the new one is in its place
     print(table(meta))
     print(f"wrote {out}")
     return meta
