@@ -32,13 +32,6 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
 
-# The four sizes OpenAI released; every one has heads of 64 dimensions.
-GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-              "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-              "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-              "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}  # 1558M
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -169,6 +162,7 @@ class GPT(nn.Module):
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_CONFIG = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer", n_head="n_head",
                  n_embd="n_embd", layer_norm_epsilon="layer_norm_epsilon")  # our field -> config.json's
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's 124M … 1558M; their config.json has the sizes
 
 
 def transpose_conv1d(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,7 +196,7 @@ def locate_weights(name_or_path: str) -> Path:
     name = name_or_path.removeprefix("openai-community/")
     if file.is_file():
         return file
-    if name in GPT2_SIZES and not path.exists():
+    if name in GPT2_NAMES and not path.exists():
         # transformers caches "gpt2" under models--gpt2, "openai-community/gpt2" under models--openai-community--gpt2
         if cached := hub_file(name, "model.safetensors", fetch=False):
             return cached
@@ -210,7 +204,7 @@ def locate_weights(name_or_path: str) -> Path:
         return hub_file(f"openai-community/{name}", "model.safetensors")
     if path.exists() or path.suffix == ".safetensors" or len(path.parts) > 1 or name_or_path.startswith("."):
         raise FileNotFoundError(f"{file} not found: pass a folder with model.safetensors or a .safetensors file")
-    raise ValueError(f"unknown model {name_or_path!r}: known names are {', '.join(GPT2_SIZES)}; "
+    raise ValueError(f"unknown model {name_or_path!r}: known names are {', '.join(GPT2_NAMES)}; "
                      "a folder with model.safetensors or a .safetensors file also works")
 
 
