@@ -210,16 +210,12 @@ def locate_weights(name_or_path: str) -> Path:
 
 # ---- The Hugging Face hub, with the standard library, into huggingface_hub's own cache ----
 
-def repo_folder(repo: str, kind: str) -> Path:
-    """huggingface_hub's cache of a repo: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    cache = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
-    return cache / f"{kind}s--{repo.replace('/', '--')}"  # e.g. models--openai-community--gpt2
-
-
 def hub_file(repo: str, file: str, revision: str = "main", kind: str = "model", fetch: bool = True) -> Path | None:
     """One file of a hub repo from the cache (for "main": any snapshot), else fetched from $HF_ENDPOINT into it."""
-    snapshots = repo_folder(repo, kind) / "snapshots"
+    # huggingface_hub's cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
+    snapshots = cache / f"{kind}s--{repo.replace('/', '--')}" / "snapshots"  # e.g. models--openai-community--gpt2
     found = [snapshots / revision / file] if revision != "main" else sorted(snapshots.glob(f"*/{file}"))
     if (cached := next((f for f in found if f.is_file()), None)) or not fetch:
         return cached
