@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -148,20 +148,18 @@ class GPT(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json and model.safetensors as transformers writes GPT-2, each file atomically."""
-        c, folder = self.config, Path(folder)
-        config = {hf: asdict(c)[ours] for ours, hf in HF_CONFIG.items()}
-        config.update(n_ctx=c.block_size, model_type="gpt2", architectures=["GPT2LMHeadModel"], activation_function="gelu_new")
-        state = transpose_conv1d({k: v for k, v in self.state_dict().items() if k != "lm_head.weight"})
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}  # safetensors wants contiguous CPU
-        atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        config = {**{hf: getattr(self.config, ours) for ours, hf in HF_CONFIG.items()}, "n_ctx": self.config.block_size,
+                  "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in transpose_conv1d(self.state_dict()).items()
+                   if k != "lm_head.weight"}  # the head is wte; safetensors wants contiguous CPU tensors
+        atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(Path(folder) / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 # Hugging Face's GPT-2 computes these four with Conv1D, x @ W + b, W stored (in, out), where nn.Linear
 # stores (out, in). Every other tensor has the same name and shape on both sides.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_CONFIG = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer", n_head="n_head",
-                 n_embd="n_embd", layer_norm_epsilon="layer_norm_epsilon")  # our field -> config.json's
+HF_CONFIG = {f.name: f.name for f in fields(GPTConfig)} | {"block_size": "n_positions"}  # our field -> config.json's
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's 124M … 1558M; their config.json has the sizes
 
 
