@@ -131,7 +131,7 @@ class GPT(nn.Module):
         state = {"transformer." + k.removeprefix("transformer."): t for k, t in raw.items()
                  if k.split(".")[-2:] not in (["attn", "bias"], ["attn", "masked_bias"])}
         state["lm_head.weight"] = state.pop("transformer.lm_head.weight", state.get("transformer.wte.weight"))
-        if not torch.equal(state["lm_head.weight"], state.get("transformer.wte.weight", state["lm_head.weight"])):
+        if (wte := state.get("transformer.wte.weight")) is not None and not torch.equal(state["lm_head.weight"], wte):
             raise ValueError(f"{file}: lm_head.weight differs from wte.weight, but GPT-2 ties the two")
         config_file = file.with_name("config.json")
         config = config_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else config_from_shapes(state, file)
