@@ -1,9 +1,7 @@
 """GPT-2 in one file: the model, and loading OpenAI's weights from Hugging Face safetensors.
 
-This file knows nothing about LoRA or tasks. Module names follow Hugging Face's GPT-2
-(`transformer.h.0.attn.c_attn`, ...) so that weights map one to one, and so that bora.py can find
-the linears it adapts by name.
-"""
+Nothing here knows about LoRA or tasks. Module names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn`, ...)
+so that weights map one to one, and so that bora.py can find the linears it adapts by name."""
 from __future__ import annotations
 
 import http.client
@@ -136,8 +134,7 @@ class GPT(nn.Module):
         config_file = file.with_name("config.json")
         config = config_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else config_from_shapes(state, file)
         with torch.device("meta"):  # shapes only: every value comes from the file
-            model = cls(config)
-        model.to_empty(device="cpu")
+            model = cls(config).to_empty(device="cpu")
         model.lm_head.weight = model.transformer.wte.weight  # to_empty untied the two
         try:
             model.load_state_dict(transpose_conv1d(state), strict=True)  # every name and shape, or nothing
