@@ -1,11 +1,8 @@
-"""BoRA: a frozen GPT-2 whose chosen linears carry one LoRA adapter per task, tied by a prior.
+"""BoRA: a frozen GPT-2 whose chosen linears carry one LoRA adapter θ_d per task, tied by the prior θ_d ~ N(Θ, τ⁻¹ I).
 
-BoRA's hierarchical prior keeps every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I);
-train.py turns it into the objective. This file joins gpt2.py and lora.py: it routes task ids to
-the adapted layers, measures ‖θ_d − Θ‖, saves and loads adapters and checkpoints, and folds one
-task's adapter into a plain GPT. τ = ∞ is `shared=True`: no task adapters exist, every task uses Θ.
-"""
-from __future__ import annotations
+This file joins gpt2.py and lora.py (train.py makes the prior part of the objective): it routes task ids to the
+adapted layers, measures ‖θ_d − Θ‖, saves and loads adapters and checkpoints, and folds one task's adapter into a
+plain GPT. τ = ∞ is `shared=True`: no task adapters exist, every task uses the global mean Θ."""
 
 import copy
 from contextlib import contextmanager
@@ -21,6 +18,7 @@ from lora import GLOBAL, LoRALinear, check_task_ids
 
 TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")  # path suffixes; a bare c_proj would be ambiguous
 CKPT_FORMAT = "bora-gpt2-ckpt/2"
+GLOBAL_NAME = "global"  # how users name Θ: `sample.py --task global`
 
 
 @dataclass
@@ -129,9 +127,6 @@ class BoRA(nn.Module):
         return {"format": CKPT_FORMAT, "base_model": base_model, "gpt_config": asdict(self.gpt.config),
                 "lora_config": {**asdict(self.lora), "targets": list(self.lora.targets)},
                 "task_names": self.task_names, "shared": self.shared, "adapters": self.adapter_state_dict()}
-
-
-GLOBAL_NAME = "global"  # how users name Θ: `sample.py --task global`
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[BoRA, dict]:
