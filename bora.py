@@ -72,9 +72,7 @@ class BoRA(nn.Module):
         """idx (B, T), task_ids (B,) with -1 = Θ -> logits (B, T, V) and GPT's mean loss (or None)."""
         task_ids = torch.as_tensor(task_ids, device=idx.device)
         check_task_ids(task_ids, idx.shape[0], len(self.task_names))  # once here, not in every layer
-        if self.shared:
-            task_ids = torch.full_like(task_ids, GLOBAL)  # τ = ∞: every task's adapter is Θ
-        with self._routed(task_ids):
+        with self._routed(torch.full_like(task_ids, GLOBAL) if self.shared else task_ids):  # τ = ∞: every task is Θ
             return self.gpt(idx, targets)  # gpt2.py's own code path, untouched
 
     @torch.no_grad()
@@ -111,7 +109,6 @@ class BoRA(nn.Module):
         return merged
 
     def task_index(self, name: str) -> int:
-        """The task id of a task name; 'global' is the global mean Θ (-1)."""
         if name != GLOBAL_NAME and name not in self.task_names:
             raise ValueError(f"unknown task {name!r}: known tasks are {', '.join(self.task_names)} "
                              f"(or {GLOBAL_NAME!r} for the shared mean Θ)")
@@ -119,8 +116,7 @@ class BoRA(nn.Module):
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, frozen) numbers of parameters; the tied embedding / lm_head counts once."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters()) - trainable
+        return tuple(sum(p.numel() for p in self.parameters() if p.requires_grad == train) for train in (True, False))
 
     def checkpoint(self, base_model: str) -> dict:
         """What load_checkpoint needs to rebuild this model: configs and adapters, never GPT-2 itself."""
