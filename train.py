@@ -3,17 +3,13 @@
     python prepare_data.py              # the default data: dair-ai/emotion -> data/emotion
     python train.py --tau 100           # -> out/emotion/ckpt.pt; then: python eval.py out/emotion/ckpt.pt
 
-BoRA puts every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I), and trains the MAP
-estimate. As in the papers' code, training document i counts with nll_i, the mean negative
-log-likelihood of its tokens, so the objective is
+BoRA keeps every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I), and trains the MAP estimate of
 
     L(θ, Θ) = Σ_i nll_i  +  τ/2 · Σ_d ‖θ_d − Θ‖²            (train_step, prior)
 
-Σ_{i ∈ D_d} nll_i is −log P(D_d | θ_d) with each document's tokens averaged, not summed: τ acts per
-document (`--likelihood token-sum` takes the exact −log P, and τ acts per token). τ = 0: independent
+with nll_i the mean NLL of training document i's tokens, as in the papers' code: τ acts per document
+(`--likelihood token-sum` takes the exact −log P(D_d | θ_d), and τ acts per token). τ = 0: independent
 adapters (Θ is then undefined; we store its τ → 0⁺ limit, the tasks' mean); τ = ∞: one shared adapter.
-The run folder gets ckpt.pt (best validation epoch), last.pt (for --resume; also written every few
-minutes and on Ctrl-C or kill), log.jsonl and args.json.
 """
 from __future__ import annotations
 
@@ -104,8 +100,7 @@ def train_step(model: BoRA, forward, opt: torch.optim.Optimizer, x: torch.Tensor
     Each document lies in exactly one of the epoch's S batches, so weighting every document of a batch
     by S makes the mean of the epoch's S step losses exactly L, whatever tasks a batch happens to hold.
     (Weighting each task present by its size N_d instead under-weights small tasks, which a batch often
-    misses: they would feel a stronger prior.) Micro-batches add up to the same step: every term is a document's.
-    """
+    misses: they would feel a stronger prior.) Micro-batches add up to the same step: every term is a document's."""
     opt.zero_grad(set_to_none=True)
     prior_term, nll_term = prior(model, cfg.tau), 0.0
     if prior_term.requires_grad:
