@@ -201,27 +201,10 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
     return last["state"]
 
 
-def duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def jsonable(record: dict) -> dict:
     """∞ and NaN as strings ("inf"), so that every JSON reader accepts our files; tensors left out."""
     return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
             if not isinstance(v, torch.Tensor)}
-
-
-class Logger:
-    """Prints a line and appends the same record to log.jsonl."""
-
-    def __init__(self, path: Path):
-        self.file, self.printed_at = open(path, "a"), time.time()
-
-    def __call__(self, text: str, **record) -> None:
-        print(text, flush=True)
-        self.file.write(json.dumps(jsonable(record)) + "\n")
-        self.file.flush()
-        self.printed_at = time.time()
 
 
 # ---- The run ----
@@ -255,14 +238,17 @@ def run(cfg: TrainConfig) -> None:
     for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite and not cfg.resume else ():
         (out / old).unlink(missing_ok=True)  # only now, once data and model are known to load
     (out / "args.json").write_text(json.dumps(jsonable({**asdict(cfg), "lr_used": cfg.lr}), indent=2) + "\n")
-    log, D = Logger(out / "log.jsonl"), len(meta["tasks"])
     forward = torch.compile(model) if cfg.compile else model  # checkpoints always save `model` itself
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
-    S = math.ceil(len(train_split) / cfg.batch_size)  # steps per epoch
-    trainable, frozen = model.parameter_counts()
-    log(f"{D} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau:g} lr={cfg.lr:g} | "
-        f"{trainable:,} trainable, {frozen:,} frozen params | {device}", kind="start", **asdict(cfg))
+    S, D, shown = math.ceil(len(train_split) / cfg.batch_size), len(meta["tasks"]), time.time()  # S: steps per epoch
+
+    def log(text: str, **record) -> None:  # a line on stdout, the same record in log.jsonl
+        nonlocal shown
+        print(text, flush=True)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(jsonable(record)) + "\n")
+        shown = time.time()  # the train lines below come every 30 s at most
 
     def save_last() -> None:
         rng = torch.get_rng_state()
@@ -281,6 +267,8 @@ def run(cfg: TrainConfig) -> None:
             f" | {per_task} | " + ("saved ckpt.pt" if improved else f"no better for {state['bad_epochs']} epoch(s)"),
             kind="val", epoch=epoch, improved=improved, **m)
 
+    log(f"{D} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau:g} lr={cfg.lr:g} | "
+        "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device, kind="start", **asdict(cfg))
     try:
         if state["step"] == 0:
             validate(0)  # the base model (every B_d = 0): the reference point
@@ -299,9 +287,11 @@ def run(cfg: TrainConfig) -> None:
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
                 if state["step"] - steps0 == 3:  # enough steps to say how long this will take
-                    log(f"about {duration(per_step * S)} per epoch of {S} steps, {duration(per_step * S * cfg.max_epochs)} "
-                        f"if all {cfg.max_epochs} epochs run (plus validation)", kind="estimate", seconds_per_step=per_step)
-                if i == S - 1 or time.time() - log.printed_at > 30:
+                    epoch_time, run_time = (f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+                                            for s in (per_step * S, per_step * S * cfg.max_epochs))
+                    log(f"about {epoch_time} per epoch of {S} steps, {run_time} if all {cfg.max_epochs} epochs run "
+                        f"(plus validation)", kind="estimate", seconds_per_step=per_step)
+                if i == S - 1 or time.time() - shown > 30:
                     log(f"epoch {epoch} step {i + 1}/{S}: likelihood term {nll:.1f}  prior term {prior_term:.4f}  "
                         f"{per_step:.2f} s/step", kind="train", epoch=epoch, step=state["step"], nll_term=nll, prior_term=prior_term)
                 if time.time() - saved_at > 60 * cfg.save_every:
