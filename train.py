@@ -150,28 +150,7 @@ def theta_as_task_mean(model: BoRA) -> None:
         m.B0.copy_(m.B.mean(0))
 
 
-# ---- The run folder: one run at a time, never destroyed by another ----
-
-def claim(out: Path, cfg: TrainConfig):
-    """Check what --out holds, then lock it: the OS drops the lock when the file closes or the process ends."""
-    runs = [f for f in ("ckpt.pt", "last.pt", "log.jsonl") if (out / f).exists()]
-    if cfg.resume and not (out / "last.pt").exists():
-        raise FileNotFoundError(f"--resume: {out} has no last.pt to continue; run without --resume")
-    if runs and not cfg.resume and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a run ({', '.join(runs)}); continue it with --resume, "
-                         f"start afresh with --overwrite, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
-    try:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise ValueError(f"another train.py is running in {out}; wait for it to end or choose another --out") from None
-    for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
-        stray.unlink()
-    return lock
-
+# ---- Checkpoints and the log ----
 
 def checkpoint(cfg: TrainConfig, model: BoRA, meta: dict, epoch: int, val: dict) -> dict:
     if cfg.tau == 0:
@@ -207,13 +186,27 @@ def jsonable(record: dict) -> dict:
             if not isinstance(v, torch.Tensor)}
 
 
-# ---- The run ----
+# ---- The run: one at a time in its folder, never destroyed by another ----
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    out = Path(cfg.out)
     try:
-        with claim(Path(cfg.out), cfg):  # the lock is held until the run ends (or the process does)
+        runs = [f for f in ("ckpt.pt", "last.pt", "log.jsonl") if (out / f).exists()]
+        if cfg.resume and "last.pt" not in runs:
+            raise FileNotFoundError(f"--resume: {out} has no last.pt to continue; run without --resume")
+        if runs and not cfg.resume and not cfg.overwrite:
+            raise ValueError(f"{out} already holds a run ({', '.join(runs)}); continue it with --resume, "
+                             f"start afresh with --overwrite, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lock", "w") as lock:  # the OS drops the lock when the file closes or the process ends
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while another process holds it
+            for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
+                stray.unlink()
             run(cfg)
+    except BlockingIOError:
+        sys.exit(f"error: another train.py is running in {out}; wait for it to end or choose another --out")
     except (ValueError, OSError) as e:  # every mistake a user can make, as one line
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
