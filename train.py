@@ -167,13 +167,12 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
         last = torch.load(Path(cfg.out) / "last.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"--resume: {cfg.out}/last.pt is unreadable ({type(e).__name__}); start a new --out") from None
-    now = checkpoint(cfg, model, meta, 0, {})
-    same = {key: (last[key], now[key]) for key in ("data_id", "base_model", "gpt_config", "lora_config", "tau")}
-    same.update({key: (last["args"][key], getattr(cfg, key)) for key in ("lr", "likelihood", "batch_size", "block_size", "seed")})
-    for key, (then, now) in same.items():
-        if then != now:
-            raise ValueError(f"--resume: {cfg.out}/last.pt was trained with different {key} ({then} vs now {now}); "
-                             f"use the same arguments or a new --out")
+    then, now = {**last["args"], **last}, {**asdict(cfg), **checkpoint(cfg, model, meta, 0, {})}
+    for key in ("data_id", "base_model", "gpt_config", "lora_config", "tau", "lr", "likelihood", "batch_size",
+                "block_size", "seed"):
+        if then[key] != now[key]:
+            raise ValueError(f"--resume: {cfg.out}/last.pt was trained with different {key} ({then[key]} vs now "
+                             f"{now[key]}); use the same arguments or a new --out")
     model.load_adapter_state_dict(last["adapters"])
     opt.load_state_dict(last["optimizer"])
     torch.set_rng_state(last["rng"])  # adapter dropout continues where it was
