@@ -224,9 +224,8 @@ def run(cfg: TrainConfig) -> None:
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the document order, one permutation per epoch
-    state = dict(epoch=1, step=0, done_in_epoch=0, epoch_rng=shuffle.get_state(), best_ll=-math.inf, best_epoch=0,
-                 bad_epochs=0)
-    state = resume(cfg, model, meta, opt) if cfg.resume else state
+    state = resume(cfg, model, meta, opt) if cfg.resume else dict(
+        epoch=1, step=0, done_in_epoch=0, epoch_rng=shuffle.get_state(), best_ll=-math.inf, best_epoch=0, bad_epochs=0)
     for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite and not cfg.resume else ():
         (out / old).unlink(missing_ok=True)  # only now, once data and model are known to load
     (out / "args.json").write_text(json.dumps(jsonable({**asdict(cfg), "lr_used": cfg.lr}), indent=2) + "\n")
@@ -242,18 +241,16 @@ def run(cfg: TrainConfig) -> None:
             f.write(json.dumps(jsonable(record)) + "\n")
         shown = time.time()  # the train lines below come every 30 s at most
 
-    def save_last() -> None:
-        rng = torch.get_rng_state()
-        atomic_write(out / "last.pt", lambda tmp: torch.save({**checkpoint(cfg, model, meta, state["epoch"] - 1, {}),
-                     "state": state, "optimizer": opt.state_dict(), "rng": rng}, tmp))
+    def save_last() -> None:  # ckpt.pt's contents, and what --resume needs to go on exactly
+        last = {**checkpoint(cfg, model, meta, state["epoch"] - 1, {}), "state": state, "optimizer": opt.state_dict()}
+        atomic_write(out / "last.pt", lambda tmp: torch.save({**last, "rng": torch.get_rng_state()}, tmp))
 
-    def validate(epoch: int) -> None:
+    def validate(epoch: int) -> None:  # every task's validation perplexity; ckpt.pt keeps the best epoch
         m = summarise(*evaluate(model, val_split, D, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val"))
-        improved = m["ll_task_avg"] > state["best_ll"]
-        if improved:
+        if improved := m["ll_task_avg"] > state["best_ll"]:
             atomic_write(out / "ckpt.pt", lambda tmp: torch.save(checkpoint(cfg, model, meta, epoch, m), tmp))
-        state.update(best_ll=max(state["best_ll"], m["ll_task_avg"]), best_epoch=epoch if improved else state["best_epoch"],
-                     bad_epochs=0 if improved else state["bad_epochs"] + 1)
+            state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)
+        state.update(bad_epochs=0 if improved else state["bad_epochs"] + 1)
         per_task = "  ".join(f"{name} {p:.2f}" for name, p in zip(meta["tasks"], m["ppl"]))
         log(f"epoch {epoch} val: ppl {m['ppl_task_avg']:.3f} task-averaged, {m['ppl_token_weighted']:.3f} token-weighted"
             f" | {per_task} | " + ("saved ckpt.pt" if improved else f"no better for {state['bad_epochs']} epoch(s)"),
@@ -271,11 +268,7 @@ def run(cfg: TrainConfig) -> None:
             order = torch.randperm(len(train_split), generator=shuffle).tolist()  # tasks mixed in every batch
             for i in range(state["done_in_epoch"], S):
                 x, y, t = make_batch(train_split, order[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.block_size, device)
-                try:
-                    nll, prior_term = train_step(model, forward, opt, x, y, t, S, cfg, autocast)
-                except FloatingPointError as e:
-                    raise ValueError(f"{e} at step {state['step'] + 1} (epoch {epoch}): training diverged; try a "
-                                     f"smaller --lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
+                nll, prior_term = train_step(model, forward, opt, x, y, t, S, cfg, autocast)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
                 if state["step"] - steps0 == 3:  # enough steps to say how long this will take
@@ -292,6 +285,9 @@ def run(cfg: TrainConfig) -> None:
             validate(epoch)
             state.update(epoch=epoch + 1, done_in_epoch=0, epoch_rng=shuffle.get_state())
             save_last()
+    except FloatingPointError as e:  # train_step's, raised before the step: the weights are still sane
+        raise ValueError(f"{e} at step {state['step'] + 1} (epoch {state['epoch']}): training diverged; try a smaller "
+                         f"--lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
     except KeyboardInterrupt:
         save_last()
         sys.exit(f"interrupted at epoch {state['epoch']}, step {state['done_in_epoch']}/{S}: saved {out / 'last.pt'}; "
