@@ -1,4 +1,4 @@
-"""BoRA: a frozen GPT-2 whose chosen linears carry one LoRA adapter θ_d per task, tied by the prior θ_d ~ N(Θ, τ⁻¹ I).
+"""BoRA: a frozen GPT-2 whose chosen linears carry one LoRA adapter θ_d per task, tied by θ_d ~ N(Θ, τ⁻¹ I).
 
 This file joins gpt2.py and lora.py (train.py makes the prior part of the objective): it routes task ids to the
 adapted layers, measures ‖θ_d − Θ‖, saves and loads adapters and checkpoints, and folds one task's adapter into a
