@@ -1,11 +1,8 @@
-"""BoRA: a frozen GPT-2 whose chosen linears carry one LoRA adapter per task, tied by a prior.
+"""BoRA: a frozen GPT-2 whose chosen linears carry one LoRA adapter θ_d per task, tied by θ_d ~ N(Θ, τ⁻¹ I).
 
-BoRA's hierarchical prior keeps every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I);
-train.py turns it into the objective. This file joins gpt2.py and lora.py: it routes task ids to
-the adapted layers, measures ‖θ_d − Θ‖, saves and loads adapters and checkpoints, and folds one
-task's adapter into a plain GPT. τ = ∞ is `shared=True`: no task adapters exist, every task uses Θ.
-"""
-from __future__ import annotations
+This file joins gpt2.py and lora.py (train.py makes the prior part of the objective): it routes task ids to the
+adapted layers, measures ‖θ_d − Θ‖, saves and loads adapters and checkpoints, and folds one task's adapter into a
+plain GPT. τ = ∞ is `shared=True`: no task adapters exist, every task uses the global mean Θ."""
 
 import copy
 from contextlib import contextmanager
@@ -21,6 +18,7 @@ from lora import GLOBAL, LoRALinear, check_task_ids
 
 TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")  # path suffixes; a bare c_proj would be ambiguous
 CKPT_FORMAT = "bora-gpt2-ckpt/2"
+GLOBAL_NAME = "global"  # how users name Θ: `sample.py --task global`
 
 
 @dataclass
@@ -74,9 +72,7 @@ class BoRA(nn.Module):
         """idx (B, T), task_ids (B,) with -1 = Θ -> logits (B, T, V) and GPT's mean loss (or None)."""
         task_ids = torch.as_tensor(task_ids, device=idx.device)
         check_task_ids(task_ids, idx.shape[0], len(self.task_names))  # once here, not in every layer
-        if self.shared:
-            task_ids = torch.full_like(task_ids, GLOBAL)  # τ = ∞: every task's adapter is Θ
-        with self._routed(task_ids):
+        with self._routed(torch.full_like(task_ids, GLOBAL) if self.shared else task_ids):  # τ = ∞: every task is Θ
             return self.gpt(idx, targets)  # gpt2.py's own code path, untouched
 
     @torch.no_grad()
@@ -113,7 +109,6 @@ class BoRA(nn.Module):
         return merged
 
     def task_index(self, name: str) -> int:
-        """The task id of a task name; 'global' is the global mean Θ (-1)."""
         if name != GLOBAL_NAME and name not in self.task_names:
             raise ValueError(f"unknown task {name!r}: known tasks are {', '.join(self.task_names)} "
                              f"(or {GLOBAL_NAME!r} for the shared mean Θ)")
@@ -121,17 +116,13 @@ class BoRA(nn.Module):
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, frozen) numbers of parameters; the tied embedding / lm_head counts once."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters()) - trainable
+        return tuple(sum(p.numel() for p in self.parameters() if p.requires_grad == train) for train in (True, False))
 
     def checkpoint(self, base_model: str) -> dict:
         """What load_checkpoint needs to rebuild this model: configs and adapters, never GPT-2 itself."""
         return {"format": CKPT_FORMAT, "base_model": base_model, "gpt_config": asdict(self.gpt.config),
                 "lora_config": {**asdict(self.lora), "targets": list(self.lora.targets)},
                 "task_names": self.task_names, "shared": self.shared, "adapters": self.adapter_state_dict()}
-
-
-GLOBAL_NAME = "global"  # how users name Θ: `sample.py --task global`
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[BoRA, dict]:

@@ -1,9 +1,7 @@
 """GPT-2 in one file: the model, and loading OpenAI's weights from Hugging Face safetensors.
 
-This file knows nothing about LoRA or tasks. Module names follow Hugging Face's GPT-2
-(`transformer.h.0.attn.c_attn`, ...) so that weights map one to one, and so that bora.py can find
-the linears it adapts by name.
-"""
+Nothing here knows about LoRA or tasks. Module names follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn`, ...)
+so that weights map one to one, and so that bora.py can find the linears it adapts by name."""
 from __future__ import annotations
 
 import http.client
@@ -12,7 +10,7 @@ import math
 import os
 import sys
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -30,13 +28,6 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     layer_norm_epsilon: float = 1e-5
-
-
-# The four sizes OpenAI released; every one has heads of 64 dimensions.
-GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-              "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-              "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-              "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}  # 1558M
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,13 +129,12 @@ class GPT(nn.Module):
         state = {"transformer." + k.removeprefix("transformer."): t for k, t in raw.items()
                  if k.split(".")[-2:] not in (["attn", "bias"], ["attn", "masked_bias"])}
         state["lm_head.weight"] = state.pop("transformer.lm_head.weight", state.get("transformer.wte.weight"))
-        if not torch.equal(state["lm_head.weight"], state.get("transformer.wte.weight", state["lm_head.weight"])):
+        if (wte := state.get("transformer.wte.weight")) is not None and not torch.equal(state["lm_head.weight"], wte):
             raise ValueError(f"{file}: lm_head.weight differs from wte.weight, but GPT-2 ties the two")
         config_file = file.with_name("config.json")
         config = config_from_hf(json.loads(config_file.read_text())) if config_file.is_file() else config_from_shapes(state, file)
         with torch.device("meta"):  # shapes only: every value comes from the file
-            model = cls(config)
-        model.to_empty(device="cpu")
+            model = cls(config).to_empty(device="cpu")
         model.lm_head.weight = model.transformer.wte.weight  # to_empty untied the two
         try:
             model.load_state_dict(transpose_conv1d(state), strict=True)  # every name and shape, or nothing
@@ -155,20 +145,19 @@ class GPT(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json and model.safetensors as transformers writes GPT-2, each file atomically."""
-        c, folder = self.config, Path(folder)
-        config = {hf: asdict(c)[ours] for ours, hf in HF_CONFIG.items()}
-        config.update(n_ctx=c.block_size, model_type="gpt2", architectures=["GPT2LMHeadModel"], activation_function="gelu_new")
-        state = transpose_conv1d({k: v for k, v in self.state_dict().items() if k != "lm_head.weight"})
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}  # safetensors wants contiguous CPU
-        atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        config = {**{hf: getattr(self.config, ours) for ours, hf in HF_CONFIG.items()}, "n_ctx": self.config.block_size,
+                  "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in transpose_conv1d(self.state_dict()).items()
+                   if k != "lm_head.weight"}  # the head is wte; safetensors wants contiguous CPU tensors
+        atomic_write(Path(folder) / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(Path(folder) / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
 # Hugging Face's GPT-2 computes these four with Conv1D, x @ W + b, W stored (in, out), where nn.Linear
 # stores (out, in). Every other tensor has the same name and shape on both sides.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_CONFIG = dict(block_size="n_positions", vocab_size="vocab_size", n_layer="n_layer", n_head="n_head",
-                 n_embd="n_embd", layer_norm_epsilon="layer_norm_epsilon")  # our field -> config.json's
+HF_CONFIG = {f.name: f.name for f in fields(GPTConfig)} | {"block_size": "n_positions"}  # our field -> config.json's
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's 124M … 1558M; their config.json has the sizes
 
 
 def transpose_conv1d(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,7 +191,7 @@ def locate_weights(name_or_path: str) -> Path:
     name = name_or_path.removeprefix("openai-community/")
     if file.is_file():
         return file
-    if name in GPT2_SIZES and not path.exists():
+    if name in GPT2_NAMES and not path.exists():
         # transformers caches "gpt2" under models--gpt2, "openai-community/gpt2" under models--openai-community--gpt2
         if cached := hub_file(name, "model.safetensors", fetch=False):
             return cached
@@ -210,22 +199,18 @@ def locate_weights(name_or_path: str) -> Path:
         return hub_file(f"openai-community/{name}", "model.safetensors")
     if path.exists() or path.suffix == ".safetensors" or len(path.parts) > 1 or name_or_path.startswith("."):
         raise FileNotFoundError(f"{file} not found: pass a folder with model.safetensors or a .safetensors file")
-    raise ValueError(f"unknown model {name_or_path!r}: known names are {', '.join(GPT2_SIZES)}; "
+    raise ValueError(f"unknown model {name_or_path!r}: known names are {', '.join(GPT2_NAMES)}; "
                      "a folder with model.safetensors or a .safetensors file also works")
 
 
 # ---- The Hugging Face hub, with the standard library, into huggingface_hub's own cache ----
 
-def repo_folder(repo: str, kind: str) -> Path:
-    """huggingface_hub's cache of a repo: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    cache = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
-    return cache / f"{kind}s--{repo.replace('/', '--')}"  # e.g. models--openai-community--gpt2
-
-
 def hub_file(repo: str, file: str, revision: str = "main", kind: str = "model", fetch: bool = True) -> Path | None:
     """One file of a hub repo from the cache (for "main": any snapshot), else fetched from $HF_ENDPOINT into it."""
-    snapshots = repo_folder(repo, kind) / "snapshots"
+    # huggingface_hub's cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
+    snapshots = cache / f"{kind}s--{repo.replace('/', '--')}" / "snapshots"  # e.g. models--openai-community--gpt2
     found = [snapshots / revision / file] if revision != "main" else sorted(snapshots.glob(f"*/{file}"))
     if (cached := next((f for f in found if f.is_file()), None)) or not fetch:
         return cached

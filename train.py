@@ -3,17 +3,13 @@
     python prepare_data.py              # the default data: dair-ai/emotion -> data/emotion
     python train.py --tau 100           # -> out/emotion/ckpt.pt; then: python eval.py out/emotion/ckpt.pt
 
-BoRA puts every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I), and trains the MAP
-estimate. As in the papers' code, training document i counts with nll_i, the mean negative
-log-likelihood of its tokens, so the objective is
+BoRA keeps every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I), and trains the MAP estimate of
 
     L(θ, Θ) = Σ_i nll_i  +  τ/2 · Σ_d ‖θ_d − Θ‖²            (train_step, prior)
 
-Σ_{i ∈ D_d} nll_i is −log P(D_d | θ_d) with each document's tokens averaged, not summed: τ acts per
-document (`--likelihood token-sum` takes the exact −log P, and τ acts per token). τ = 0: independent
+with nll_i the mean NLL of training document i's tokens, as in the papers' code: τ acts per document
+(`--likelihood token-sum` takes the exact −log P(D_d | θ_d), and τ acts per token). τ = 0: independent
 adapters (Θ is then undefined; we store its τ → 0⁺ limit, the tasks' mean); τ = ∞: one shared adapter.
-The run folder gets ckpt.pt (best validation epoch), last.pt (for --resume; also written every few
-minutes and on Ctrl-C or kill), log.jsonl and args.json.
 """
 from __future__ import annotations
 
@@ -104,8 +100,7 @@ def train_step(model: BoRA, forward, opt: torch.optim.Optimizer, x: torch.Tensor
     Each document lies in exactly one of the epoch's S batches, so weighting every document of a batch
     by S makes the mean of the epoch's S step losses exactly L, whatever tasks a batch happens to hold.
     (Weighting each task present by its size N_d instead under-weights small tasks, which a batch often
-    misses: they would feel a stronger prior.) Micro-batches add up to the same step: every term is a document's.
-    """
+    misses: they would feel a stronger prior.) Micro-batches add up to the same step: every term is a document's."""
     opt.zero_grad(set_to_none=True)
     prior_term, nll_term = prior(model, cfg.tau), 0.0
     if prior_term.requires_grad:
@@ -155,28 +150,7 @@ def theta_as_task_mean(model: BoRA) -> None:
         m.B0.copy_(m.B.mean(0))
 
 
-# ---- The run folder: one run at a time, never destroyed by another ----
-
-def claim(out: Path, cfg: TrainConfig):
-    """Check what --out holds, then lock it: the OS drops the lock when the file closes or the process ends."""
-    runs = [f for f in ("ckpt.pt", "last.pt", "log.jsonl") if (out / f).exists()]
-    if cfg.resume and not (out / "last.pt").exists():
-        raise FileNotFoundError(f"--resume: {out} has no last.pt to continue; run without --resume")
-    if runs and not cfg.resume and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a run ({', '.join(runs)}); continue it with --resume, "
-                         f"start afresh with --overwrite, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
-    try:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise ValueError(f"another train.py is running in {out}; wait for it to end or choose another --out") from None
-    for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
-        stray.unlink()
-    return lock
-
+# ---- Checkpoints and the log ----
 
 def checkpoint(cfg: TrainConfig, model: BoRA, meta: dict, epoch: int, val: dict) -> dict:
     if cfg.tau == 0:
@@ -193,21 +167,16 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
         last = torch.load(Path(cfg.out) / "last.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"--resume: {cfg.out}/last.pt is unreadable ({type(e).__name__}); start a new --out") from None
-    now = checkpoint(cfg, model, meta, 0, {})
-    same = {key: (last[key], now[key]) for key in ("data_id", "base_model", "gpt_config", "lora_config", "tau")}
-    same.update({key: (last["args"][key], getattr(cfg, key)) for key in ("lr", "likelihood", "batch_size", "block_size", "seed")})
-    for key, (then, now) in same.items():
-        if then != now:
-            raise ValueError(f"--resume: {cfg.out}/last.pt was trained with different {key} ({then} vs now {now}); "
-                             f"use the same arguments or a new --out")
+    then, now = {**last["args"], **last}, {**asdict(cfg), **checkpoint(cfg, model, meta, 0, {})}
+    for key in ("data_id", "base_model", "gpt_config", "lora_config", "tau", "lr", "likelihood", "batch_size",
+                "block_size", "seed"):
+        if then[key] != now[key]:
+            raise ValueError(f"--resume: {cfg.out}/last.pt was trained with different {key} ({then[key]} vs now "
+                             f"{now[key]}); use the same arguments or a new --out")
     model.load_adapter_state_dict(last["adapters"])
     opt.load_state_dict(last["optimizer"])
     torch.set_rng_state(last["rng"])  # adapter dropout continues where it was
     return last["state"]
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def jsonable(record: dict) -> dict:
@@ -216,26 +185,27 @@ def jsonable(record: dict) -> dict:
             if not isinstance(v, torch.Tensor)}
 
 
-class Logger:
-    """Prints a line and appends the same record to log.jsonl."""
-
-    def __init__(self, path: Path):
-        self.file, self.printed_at = open(path, "a"), time.time()
-
-    def __call__(self, text: str, **record) -> None:
-        print(text, flush=True)
-        self.file.write(json.dumps(jsonable(record)) + "\n")
-        self.file.flush()
-        self.printed_at = time.time()
-
-
-# ---- The run ----
+# ---- The run: one at a time in its folder, never destroyed by another ----
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    out = Path(cfg.out)
     try:
-        with claim(Path(cfg.out), cfg):  # the lock is held until the run ends (or the process does)
+        runs = [f for f in ("ckpt.pt", "last.pt", "log.jsonl") if (out / f).exists()]
+        if cfg.resume and "last.pt" not in runs:
+            raise FileNotFoundError(f"--resume: {out} has no last.pt to continue; run without --resume")
+        if runs and not cfg.resume and not cfg.overwrite:
+            raise ValueError(f"{out} already holds a run ({', '.join(runs)}); continue it with --resume, "
+                             f"start afresh with --overwrite, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lock", "w") as lock:  # the OS drops the lock when the file closes or the process ends
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while another process holds it
+            for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
+                stray.unlink()
             run(cfg)
+    except BlockingIOError:
+        sys.exit(f"error: another train.py is running in {out}; wait for it to end or choose another --out")
     except (ValueError, OSError) as e:  # every mistake a user can make, as one line
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:
@@ -254,38 +224,40 @@ def run(cfg: TrainConfig) -> None:
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the document order, one permutation per epoch
-    state = dict(epoch=1, step=0, done_in_epoch=0, epoch_rng=shuffle.get_state(), best_ll=-math.inf, best_epoch=0,
-                 bad_epochs=0)
-    state = resume(cfg, model, meta, opt) if cfg.resume else state
+    state = resume(cfg, model, meta, opt) if cfg.resume else dict(
+        epoch=1, step=0, done_in_epoch=0, epoch_rng=shuffle.get_state(), best_ll=-math.inf, best_epoch=0, bad_epochs=0)
     for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite and not cfg.resume else ():
         (out / old).unlink(missing_ok=True)  # only now, once data and model are known to load
     (out / "args.json").write_text(json.dumps(jsonable({**asdict(cfg), "lr_used": cfg.lr}), indent=2) + "\n")
-    log, D = Logger(out / "log.jsonl"), len(meta["tasks"])
     forward = torch.compile(model) if cfg.compile else model  # checkpoints always save `model` itself
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
-    S = math.ceil(len(train_split) / cfg.batch_size)  # steps per epoch
-    trainable, frozen = model.parameter_counts()
-    log(f"{D} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau:g} lr={cfg.lr:g} | "
-        f"{trainable:,} trainable, {frozen:,} frozen params | {device}", kind="start", **asdict(cfg))
+    S, D, shown = math.ceil(len(train_split) / cfg.batch_size), len(meta["tasks"]), time.time()  # S: steps per epoch
 
-    def save_last() -> None:
-        rng = torch.get_rng_state()
-        atomic_write(out / "last.pt", lambda tmp: torch.save({**checkpoint(cfg, model, meta, state["epoch"] - 1, {}),
-                     "state": state, "optimizer": opt.state_dict(), "rng": rng}, tmp))
+    def log(text: str, **record) -> None:  # a line on stdout, the same record in log.jsonl
+        nonlocal shown
+        print(text, flush=True)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(jsonable(record)) + "\n")
+        shown = time.time()  # the train lines below come every 30 s at most
 
-    def validate(epoch: int) -> None:
+    def save_last() -> None:  # ckpt.pt's contents, and what --resume needs to go on exactly
+        last = {**checkpoint(cfg, model, meta, state["epoch"] - 1, {}), "state": state, "optimizer": opt.state_dict()}
+        atomic_write(out / "last.pt", lambda tmp: torch.save({**last, "rng": torch.get_rng_state()}, tmp))
+
+    def validate(epoch: int) -> None:  # every task's validation perplexity; ckpt.pt keeps the best epoch
         m = evaluate(model, val_split, D, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val")
-        improved = m["ll_task_avg"] > state["best_ll"]
-        if improved:
+        if improved := m["ll_task_avg"] > state["best_ll"]:
             atomic_write(out / "ckpt.pt", lambda tmp: torch.save(checkpoint(cfg, model, meta, epoch, m), tmp))
-        state.update(best_ll=max(state["best_ll"], m["ll_task_avg"]), best_epoch=epoch if improved else state["best_epoch"],
-                     bad_epochs=0 if improved else state["bad_epochs"] + 1)
+            state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)
+        state.update(bad_epochs=0 if improved else state["bad_epochs"] + 1)
         per_task = "  ".join(f"{name} {p:.2f}" for name, p in zip(meta["tasks"], m["ppl"]))
         log(f"epoch {epoch} val: ppl {m['ppl_task_avg']:.3f} task-averaged, {m['ppl_token_weighted']:.3f} token-weighted"
             f" | {per_task} | " + ("saved ckpt.pt" if improved else f"no better for {state['bad_epochs']} epoch(s)"),
             kind="val", epoch=epoch, improved=improved, **m)
 
+    log(f"{D} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau:g} lr={cfg.lr:g} | "
+        "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device, kind="start", **asdict(cfg))
     try:
         if state["step"] == 0:
             validate(0)  # the base model (every B_d = 0): the reference point
@@ -296,17 +268,15 @@ def run(cfg: TrainConfig) -> None:
             order = torch.randperm(len(train_split), generator=shuffle).tolist()  # tasks mixed in every batch
             for i in range(state["done_in_epoch"], S):
                 x, y, t = make_batch(train_split, order[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.block_size, device)
-                try:
-                    nll, prior_term = train_step(model, forward, opt, x, y, t, S, cfg, autocast)
-                except FloatingPointError as e:
-                    raise ValueError(f"{e} at step {state['step'] + 1} (epoch {epoch}): training diverged; try a "
-                                     f"smaller --lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
+                nll, prior_term = train_step(model, forward, opt, x, y, t, S, cfg, autocast)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
                 if state["step"] - steps0 == 3:  # enough steps to say how long this will take
-                    log(f"about {duration(per_step * S)} per epoch of {S} steps, {duration(per_step * S * cfg.max_epochs)} "
-                        f"if all {cfg.max_epochs} epochs run (plus validation)", kind="estimate", seconds_per_step=per_step)
-                if i == S - 1 or time.time() - log.printed_at > 30:
+                    epoch_time, run_time = (f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+                                            for s in (per_step * S, per_step * S * cfg.max_epochs))
+                    log(f"about {epoch_time} per epoch of {S} steps, {run_time} if all {cfg.max_epochs} epochs run "
+                        f"(plus validation)", kind="estimate", seconds_per_step=per_step)
+                if i == S - 1 or time.time() - shown > 30:
                     log(f"epoch {epoch} step {i + 1}/{S}: likelihood term {nll:.1f}  prior term {prior_term:.4f}  "
                         f"{per_step:.2f} s/step", kind="train", epoch=epoch, step=state["step"], nll_term=nll, prior_term=prior_term)
                 if time.time() - saved_at > 60 * cfg.save_every:
@@ -315,6 +285,9 @@ def run(cfg: TrainConfig) -> None:
             validate(epoch)
             state.update(epoch=epoch + 1, done_in_epoch=0, epoch_rng=shuffle.get_state())
             save_last()
+    except FloatingPointError as e:  # train_step's, raised before the step: the weights are still sane
+        raise ValueError(f"{e} at step {state['step'] + 1} (epoch {state['epoch']}): training diverged; try a smaller "
+                         f"--lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
     except KeyboardInterrupt:
         save_last()
         sys.exit(f"interrupted at epoch {state['epoch']}, step {state['done_in_epoch']}/{S}: saved {out / 'last.pt'}; "
