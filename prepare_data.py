@@ -137,16 +137,13 @@ def evaluate(model, split: Split, num_tasks: int, block_size: int, batch_size: i
 EMOTION = ("dair-ai/emotion", "0f2013aff0f120885b4892bddfe59faafa13a310",  # a revision that has these files
            ("data/train.jsonl.gz", "data/validation.jsonl.gz", "data/test.jsonl.gz"))
 PRESETS = {
-    # The default: ~20k English tweets (dair-ai/emotion), the lyrics reproduction's six emotions as
-    # integer labels in the dataset card's order.
+    # The default: ~20k English tweets (dair-ai/emotion) labelled 0-5 with the lyrics reproduction's emotions.
     "emotion": dict(text_col="text", task_col="label",
-                    labels=dict(enumerate(["sadness", "joy", "love", "anger", "fear", "surprise"]))),
-    # The lyrics paper (Kaggle, "500k+ Spotify songs"): emotions with at least 5000 songs, then 4933
-    # songs sampled keeping their ratio (50 `surprise` … 1869 `joy`).
+                    labels=dict(enumerate(["sadness", "joy", "love", "anger", "fear", "surprise"]))),  # the card's order
+    # The lyrics paper (Kaggle, "500k+ Spotify songs"): emotions of >= 5000 songs, 4933 songs in their ratio.
     "spotify": dict(text_col="text", task_col="emotion", min_task_size=5000, total=4933),
-    # The BoRA paper (Talk of Norway), as its code did: speeches of at least 40 characters, speakers
-    # with more than 200 and fewer than 1000 (counted by raw rep_name), named in lower case without
-    # dots, the first 25 names alphabetically.
+    # The BoRA paper (Talk of Norway), as its code did: speeches of >= 40 characters, speakers with more than
+    # 200 and fewer than 1000 (by raw rep_name), named in lower case without dots, the first 25 by name.
     "talkofnorway": dict(text_col="text", task_col="rep_name", min_chars=40, min_docs=200, max_docs=1000, num_tasks=25),
 }
 DEFAULTS = dict(text_col="text", task_col="task", min_chars=0, labels=None)
