@@ -330,34 +330,39 @@ def prompt_ids(enc, task: str | None) -> list[int]:
     return enc.encode_ordinary(PROMPT.format(task=task)) if task is not None else []
 
 
-def encode_document(enc, text: str, task: str | None) -> tuple[list[int], int]:
-    """(ids, prompt_len) of one document as the split files hold it; task=None: no prompt.
+def encode_documents(enc, texts: list[str], tasks: list[str | None]) -> list[tuple[list[int], int]]:
+    """(ids, prompt_len) of each document as the split files hold it; a task of None: no prompt.
 
     "[task]" and " " + text are tokenised apart. GPT-2's tokenizer joins a space to the word after it
     and always cuts after "]", so this equals tokenising "[task] text" at once, and prompt_len counts
     exactly "[task]". A literal "<|endoftext|>" in a text stays text; the real one is added here."""
-    prompt = prompt_ids(enc, task)
-    return prompt + enc.encode_ordinary(" " + text if prompt else text) + [enc.eot_token], len(prompt)
+    prompts = {task: prompt_ids(enc, task) for task in set(tasks)}
+    bodies = enc.encode_ordinary_batch([text if task is None else " " + text for text, task in zip(texts, tasks)],
+                                       num_threads=8)  # tiktoken's threads share the batch
+    return [(prompts[task] + body + [enc.eot_token], len(prompts[task])) for task, body in zip(tasks, bodies)]
+
+
+def encode_document(enc, text: str, task: str | None) -> tuple[list[int], int]:
+    return encode_documents(enc, [text], [task])[0]
 
 
 def write_splits(a: argparse.Namespace, assignment: dict[int, tuple[int, int]], tasks: list[str], folder: Path,
                  enc) -> dict:
     """Read the source again, tokenise each chosen row into its split, write the arrays; return the counts."""
-    prompts = [prompt_ids(enc, t if a.task_prompt else None) for t in tasks]
-    docs = [[] for _ in SPLITS]  # per split: (task id, tokens (n,) uint16) of each document, in file order
+    docs = [[] for _ in SPLITS]  # per split: (task id, tokens (n,) uint16, prompt length) of each document, in file order
     rows = ((*assignment[row], text) for row, (text, _) in enumerate(read_rows(a, Counter())) if row in assignment)
-    while chunk := list(itertools.islice(rows, 1024)):  # encode_document, batched: tiktoken's threads share a chunk
-        bodies = enc.encode_ordinary_batch([" " + text if a.task_prompt else text for *_, text in chunk], num_threads=8)
-        for (s, t, _), body in zip(chunk, bodies):
-            docs[s].append((t, np.array(prompts[t] + body + [enc.eot_token], np.uint16)))
+    while chunk := list(itertools.islice(rows, 1024)):
+        texts, names = [text for *_, text in chunk], [tasks[t] if a.task_prompt else None for _, t, _ in chunk]
+        for (s, t, _), (ids, prompt_len) in zip(chunk, encode_documents(enc, texts, names)):
+            docs[s].append((t, np.array(ids, np.uint16), prompt_len))
     counts = {}
     for split, split_docs in zip(SPLITS, docs):
-        task_ids = np.array([t for t, _ in split_docs], np.int64)
-        lengths = np.array([len(d) for _, d in split_docs], np.int64)
+        task_ids = np.array([t for t, _, _ in split_docs], np.int64)
+        lengths = np.array([len(d) for _, d, _ in split_docs], np.int64)
         (folder / split).mkdir()
-        for name, array in dict(tokens=np.concatenate([d for _, d in split_docs] or [np.zeros(0, np.uint16)]),
+        for name, array in dict(tokens=np.concatenate([d for _, d, _ in split_docs] or [np.zeros(0, np.uint16)]),
                                 offsets=np.concatenate([[0], lengths.cumsum()]), task_ids=task_ids,
-                                prompt_lens=np.array([len(prompts[t]) for t in task_ids], np.int64)).items():
+                                prompt_lens=np.array([p for *_, p in split_docs], np.int64)).items():
             np.save(folder / split / f"{name}.npy", array)
         n_docs, n_tokens = np.bincount(task_ids, minlength=len(tasks)), np.bincount(task_ids, lengths, len(tasks))
         counts[split] = {t: {"docs": int(n_docs[i]), "tokens": int(n_tokens[i])} for i, t in enumerate(tasks)}
