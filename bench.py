@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bora import BoRA, LoRAConfig, pick_device
+from bora import BoRA, LoRAConfig
+from cli import pick_device
 from gpt2 import GPT, GPTConfig
 from lora import LoRALinear
 
@@ -42,7 +43,7 @@ class TextbookLoRA(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, rank))  # (out, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scaling * F.linear(F.linear(x, self.A), self.B)  # (B, T, out)
+        return self.base(x) + self.scaling * F.linear(F.linear(x, self.A), self.B)  # (N, T, out)
 
 
 def textbook_lora_gpt(base: GPT, rank: int, alpha: float) -> GPT:
@@ -83,7 +84,7 @@ def per_task_loop_step(bora: BoRA, idx: torch.Tensor, ids: torch.Tensor, targets
     total = 0.0
     for d in ids.unique().tolist():
         rows = ids == d
-        _, ce_d = bora(idx[rows], ids[rows], targets[rows])
+        ce_d = bora(idx[rows], ids[rows], targets[rows]).mean()  # the sub-batch's mean token NLL
         part = ce_d * rows.sum() / len(ids)  # weighted so that the parts add up to the batch mean
         part.backward()
         total += part.item()
@@ -95,7 +96,7 @@ def per_task_loop_step(bora: BoRA, idx: torch.Tensor, ids: torch.Tensor, targets
 
 def prior_sum(bora: BoRA) -> torch.Tensor:
     """Σ_layers Σ_d ‖θ_d − Θ‖², the prior term without τ/2, as train.prior computes it."""
-    return sum((m.A - m.A0).pow(2).sum() + (m.B - m.B0).pow(2).sum() for m in bora.adapted.values())
+    return sum((m.A - m.A_mean).pow(2).sum() + (m.B - m.B_mean).pow(2).sum() for m in bora.adapted.values())
 
 
 def print_table(title: str, times: dict[str, float], baseline: str, losses: dict[str, float] | None = None) -> None:
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     textbook = textbook_lora_gpt(base, lora.rank, lora.alpha).to(device)
     del base
     tokens = torch.randint(0, bora.gpt.config.vocab_size, (args.batch_size, args.block_size + 1), device=device)
-    idx, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each: predict the next token
-    ids = torch.arange(args.batch_size, device=device) % args.tasks  # (B,) every task present, mixed
+    idx, targets = tokens[:, :-1], tokens[:, 1:]  # (N, T) each: predict the next token
+    ids = torch.arange(args.batch_size, device=device) % args.tasks  # (N,) every task present, mixed
     zeros = torch.zeros_like(ids)
     print(f"device {device}, batch {args.batch_size} x {args.block_size} tokens, {args.tasks} tasks, "
           f"rank {lora.rank} on {', '.join(lora.targets)}; medians, round-robin, after warm-up")
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table("one c_attn layer (forward + backward)", layer_times, "textbook LoRA")
 
     train_times, train_losses = median_times({
-        "BoRA, mixed tasks": training_step(bora, lambda: bora(idx, ids, targets)[1] + prior_sum(bora)),
-        "textbook LoRA": training_step(textbook, lambda: textbook(idx, targets)[1]),
+        "BoRA, mixed tasks": training_step(bora, lambda: bora(idx, ids, targets).mean() + prior_sum(bora)),
+        "textbook LoRA": training_step(textbook, lambda: textbook(idx, targets).mean()),
         "loop over tasks, one pass per task": lambda: per_task_loop_step(bora, idx, ids, targets),
     }, args.warmup, args.steps, device)
     print_table("training step (forward + backward + prior)", train_times, "textbook LoRA", train_losses)
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     merged = bora.merge(0).eval()
     bora.eval()
     with torch.no_grad():  # the training rounds above already warmed these shapes up
-        infer_times, _ = median_times({"BoRA, mixed tasks": lambda: bora(idx, ids)[0].mean().item(),
-                                       "merged GPT, one task": lambda: merged(idx)[0].mean().item()},
+        infer_times, _ = median_times({"BoRA, mixed tasks": lambda: bora(idx, ids).mean().item(),
+                                       "merged GPT, one task": lambda: merged(idx).mean().item()},
                                       0, args.steps, device)
     print_table("inference (logits, no grad)", infer_times, "merged GPT, one task")
 

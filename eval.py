@@ -11,33 +11,63 @@ every task counts once, as in the papers' tables.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
+import time
+from contextlib import nullcontext
 
 import numpy as np
+import torch
 
-from bora import load_checkpoint, pick_device
-from prepare_data import evaluate, load_meta, load_split
+from bora import BoRA, load_checkpoint
+from cli import ArgumentParser, one_line_errors, pick_device, to_json
+from data import Split, forward_passes, load_meta, load_split
+
+
+@torch.no_grad()
+def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, device: str, autocast=nullcontext(),
+             label: str = "eval") -> dict:
+    """Mean log-likelihood per token and perplexity of a split: per task, token-weighted (every token
+    counts once: big tasks dominate) and averaged over tasks (every task counts once: the papers' tables).
+    train.py validates with this same function."""
+    was_training, started, shown = model.training, time.time(), time.time()
+    model.eval()  # no adapter dropout while measuring
+    D = len(model.task_names)
+    nll, tokens, done = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.int64), 0
+    for x, y, t in forward_passes(split, list(range(len(split))), block_size, docs_per_pass, device):
+        with autocast:
+            doc_nll = model(x, t, y).sum(1)  # (n,) each document's NLL, summed over its scored tokens
+        nll.index_add_(0, t.cpu(), doc_nll.double().cpu())  # each row into its task's slot
+        tokens.index_add_(0, t.cpu(), (y != -1).sum(1).cpu())
+        done += len(t)
+        if time.time() - shown > 10 or (done == len(split) and time.time() - started > 10):
+            rate, shown = done / (time.time() - started), time.time()
+            print(f"{label}: {done}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - done) / rate:.0f} s left",
+                  file=sys.stderr, flush=True)
+    model.train(was_training)
+    ll = (-nll / tokens.clamp(min=1)).tolist()
+    token_ll, task_ll = -nll.sum().item() / max(tokens.sum().item(), 1), sum(ll) / len(ll)
+    return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": tokens.tolist(),
+            "ll_token_weighted": token_ll, "ppl_token_weighted": math.exp(-token_ll),
+            "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
 
 
 def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None, batch_size: int = 16,
                         device: str = "cpu") -> dict:
     """Every number eval.py reports for one checkpoint on one split, as a JSON-ready dict."""
     model, ckpt = load_checkpoint(path, device)
-    data = data or ckpt["data_path"]
-    if load_meta(data)["fingerprint"] != ckpt["data_id"]:
+    data = data or ckpt.data_path
+    if load_meta(data)["fingerprint"] != ckpt.data_id:
         raise ValueError(f"{data} is not the dataset {path} was trained on (its documents or splits differ: prepared "
                          f"from another source, --seed or --split?); pass the right folder with --data")
     s = load_split(data, split)
-    m = evaluate(model, s, len(model.task_names), ckpt["args"]["block_size"], batch_size, device,
+    m = evaluate(model, s, ckpt.args["block_size"], batch_size, device,
                  label=f"{path} {split}")  # float32 on every device: these are the numbers we report
-    columns = dict(task=model.task_names, train_docs=ckpt["train_sizes"], docs=np.bincount(s.task_ids,
+    columns = dict(task=model.task_names, train_docs=ckpt.train_sizes, docs=np.bincount(s.task_ids,
                    minlength=len(model.task_names)).tolist(), tokens=m["tokens"], ll=m["ll"], ppl=m["ppl"],
                    distance=model.distances().tolist())  # ‖θ_d − Θ‖ over all adapted layers (0 when τ = ∞)
     overall = {k: m[k] for k in ("ll_token_weighted", "ppl_token_weighted", "ll_task_avg", "ppl_task_avg")}
-    return {"checkpoint": str(path), "tau": ckpt["tau"], "epoch": ckpt["epoch"], "split": split, "data": str(data),
+    return {"checkpoint": str(path), "tau": ckpt.tau, "epoch": ckpt.epoch, "split": split, "data": str(data),
             "tasks": [dict(zip(columns, row)) for row in zip(*columns.values())],
             "overall": {**overall, "docs": len(s), "tokens": sum(m["tokens"])}}
 
@@ -80,15 +110,6 @@ def print_table(results: list[dict], gains: list[dict]) -> None:
         print(f"{t['task']:<20} {t['train_docs']:>10}" + "".join(f"{r['tasks'][j]['distance']:>12.4f}" for r in results))
 
 
-def jsonable(x):
-    """∞ and NaN as strings ("inf"), which every JSON reader accepts."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    return [jsonable(v) for v in x] if isinstance(x, list) else x
-
-
 def pyplot():
     """matplotlib.pyplot drawing into files only, or a one-line error saying how to install it."""
     try:
@@ -118,8 +139,7 @@ def plot(results: list[dict], file: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Per-task perplexity and distances of BoRA checkpoints.")
-    p.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage block
+    p = ArgumentParser(description="Per-task perplexity and distances of BoRA checkpoints.")
     p.add_argument("ckpts", nargs="+", help="one or more ckpt.pt files written by train.py")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one each checkpoint was trained on)")
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw perplexity against tau (needs matplotlib)")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors():
         if args.plot:
             pyplot()  # fail before the slow part if matplotlib is missing
         device = pick_device(args.device)
@@ -137,11 +157,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("the checkpoints were trained on different tasks; compare runs on the same data")
         if args.plot:
             plot(results, args.plot)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
     gains = improvements(results)
     if args.json:
-        print(json.dumps(jsonable({"checkpoints": results, "relative_improvement_of_first": gains}), indent=2))
+        print(to_json({"checkpoints": results, "relative_improvement_of_first": gains}, indent=2))
     else:
         print_one(results[0]) if len(results) == 1 else print_table(results, gains)
     if args.plot:

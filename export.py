@@ -7,36 +7,32 @@ an ordinary GPT-2 that needs neither this project's LoRA code nor task ids; `--t
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 from bora import load_checkpoint
-from prepare_data import PROMPT
+from cli import ArgumentParser, one_line_errors
+from data import PROMPT
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Export one task's merged model as a Hugging Face GPT-2 folder.")
-    p.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage block
+    p = ArgumentParser(description="Export one task's merged model as a Hugging Face GPT-2 folder.")
     p.add_argument("ckpt", help="checkpoint written by train.py, e.g. out/emotion/ckpt.pt")
     p.add_argument("--task", required=True, help="task name from training, or 'global' for the mean adapter Θ")
     p.add_argument("--out", required=True, type=Path, help="folder to write (config.json + model.safetensors)")
     p.add_argument("--force", action="store_true", help="write into an existing, non-empty folder")
     a = p.parse_args(argv)
-    try:
+    with one_line_errors():
         if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir()) and not a.force):
             raise ValueError(f"--out {a.out} exists and is not an empty folder; choose another, or pass --force to "
                              "replace its config.json and model.safetensors")
         bora, ckpt = load_checkpoint(a.ckpt)
         task = bora.task_index(a.task)  # an unknown name lists the known ones; "global" is Θ (-1)
         bora.merge(task).save_pretrained(a.out)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
     print(f"wrote task '{a.task}' to {a.out}/: " + ", ".join(f"{f} ({(a.out / f).stat().st_size:,} bytes)"
                                                       for f in ("config.json", "model.safetensors")))
     print(f"load it here with GPT.from_pretrained({str(a.out)!r}), or with transformers' "
           f"GPT2LMHeadModel.from_pretrained({str(a.out)!r}); its tokenizer is GPT-2's own")
-    if task >= 0 and ckpt["task_prompt"]:
+    if task >= 0 and ckpt.task_prompt:
         print(f"it was trained with a task prompt: begin inputs with {PROMPT.format(task=a.task) + ' '!r}")
 
 

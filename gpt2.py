@@ -4,20 +4,18 @@ Nothing here knows about LoRA or tasks. Module names follow Hugging Face's GPT-2
 so that weights map one to one, and so that bora.py can find the linears it adapts by name."""
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import os
-import sys
-import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from files import atomic_write, hub_file
 
 
 @dataclass
@@ -38,13 +36,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape  # (B, T, n_embd)
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, n_embd)
-        # (B, T, C) -> (B, n_head, T, head_dim): every head attends on its own slice of the embedding
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        N, T, C = x.shape  # (N, T, n_embd): N documents of T tokens
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (N, T, n_embd)
+        # (N, T, C) -> (N, n_head, T, head_dim): every head attends on its own slice of the embedding
+        q, k, v = (t.view(N, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # softmax(q kᵀ / √head_dim) v with the future masked out, in one fused kernel
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, head_dim)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side again
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, n_head, T, head_dim)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(N, T, C))  # heads side by side again
 
 
 class MLP(nn.Module):
@@ -55,7 +53,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 was trained with the tanh approximation of GELU; the exact erf form differs by ~1e-3
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (B, T, n_embd)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (N, T, n_embd)
 
 
 class Block(nn.Module):
@@ -90,24 +88,29 @@ class GPT(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position (B, T, vocab), and the mean cross-entropy over targets that are not -1."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (N, T) -> the logits (N, T, vocab) of every position; or, given targets (N, T), what training
+        and evaluation need: each target's NLL −log p(target | the tokens before), (N, T), 0 where the
+        target is -1 (not scored). Logits are then computed only where a target is scored."""
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(idx.shape[1], device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (N, T, n_embd)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x)  # (N, T, vocab_size)
+        scored = targets != -1  # (N, T): padding and prompts cost no (n_embd × vocab) matmul
+        nll = F.cross_entropy(self.lm_head(x[scored]).float(), targets[scored], reduction="none")  # (M,) float32
+        return torch.zeros(targets.shape, device=x.device).masked_scatter(scored, nll)  # (N, T)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
                  ) -> torch.Tensor:
-        """Extend idx (B, T) by sampling max_new_tokens tokens, one at a time."""
+        """Extend idx (N, T) by sampling max_new_tokens tokens, one at a time."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[0][:, -1, :] / temperature  # (B, vocab): the next token
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :] / temperature  # (N, vocab): the next token
             if top_k is not None:
                 kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -201,50 +204,3 @@ def locate_weights(name_or_path: str) -> Path:
         raise FileNotFoundError(f"{file} not found: pass a folder with model.safetensors or a .safetensors file")
     raise ValueError(f"unknown model {name_or_path!r}: known names are {', '.join(GPT2_NAMES)}; "
                      "a folder with model.safetensors or a .safetensors file also works")
-
-
-# ---- The Hugging Face hub, with the standard library, into huggingface_hub's own cache ----
-
-def hub_file(repo: str, file: str, revision: str = "main", kind: str = "model", fetch: bool = True) -> Path | None:
-    """One file of a hub repo from the cache (for "main": any snapshot), else fetched from $HF_ENDPOINT into it."""
-    # huggingface_hub's cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    cache = Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
-    snapshots = cache / f"{kind}s--{repo.replace('/', '--')}" / "snapshots"  # e.g. models--openai-community--gpt2
-    found = [snapshots / revision / file] if revision != "main" else sorted(snapshots.glob(f"*/{file}"))
-    if (cached := next((f for f in found if f.is_file()), None)) or not fetch:
-        return cached
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/{'datasets/' if kind == 'dataset' else ''}{repo}/resolve/{revision}/{file}"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            commit = response.headers.get("X-Repo-Commit") or revision  # the hub says which commit it served
-            atomic_write(snapshots / commit / file, lambda tmp: _stream(response, tmp, url))
-    except (OSError, http.client.HTTPException) as e:  # no network, an HTTP error status, a timeout
-        raise FileNotFoundError(f"could not fetch {url} ({e}); download it by hand to {snapshots / revision / file}") from None
-    if commit != revision:  # as huggingface_hub does: refs/main names the commit main pointed to
-        atomic_write(snapshots.parent / "refs" / revision, lambda tmp: tmp.write_text(commit))
-    return snapshots / commit / file
-
-
-def _stream(response, into: Path, url: str) -> None:
-    """Copy the response body into a file with a progress line; a short body raises (urllib would not)."""
-    total, done = int(response.headers.get("Content-Length") or 0), 0
-    with open(into, "wb") as f:
-        while chunk := response.read(1 << 20):
-            done += f.write(chunk)
-            print(f"\r{url}: {done / 1e6:.1f} of {total / 1e6:.1f} MB", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    if done < total:
-        raise OSError(f"download stopped after {done} of {total} bytes; run again")
-
-
-def atomic_write(dest: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp) into a temp file beside dest, then rename it over dest: dest is never half-written."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,12 +1,9 @@
-"""Turn a corpus into a tokenised multi-task dataset for BoRA on GPT-2, and read it back.
+"""Turn a corpus into a tokenised multi-task dataset for BoRA on GPT-2 (the folder data.py reads).
 
 Every row of a CSV or JSONL file is a document: one column holds its text, another its task (an
 emotion, a speaker, ...). Exact duplicates within a task are dropped, each task's documents are split
-train/val/test (50/25/25 by default, seeded) and tokenised with GPT-2's BPE as "[task] text<|endoftext|>":
-
-    data/NAME/meta.json          tasks, docs and tokens per split and task, rows dropped, fingerprint, arguments
-    data/NAME/{train,val,test}/  tokens.npy (uint16, the documents one after another), offsets.npy (n_docs + 1,),
-                                 task_ids.npy and prompt_lens.npy (n_docs,): document i = tokens[offsets[i]:offsets[i+1]]
+train/val/test (50/25/25 by default, seeded) and tokenised with GPT-2's BPE as "[task] text<|endoftext|>",
+into data/NAME/{train,val,test}/*.npy and data/NAME/meta.json.
 
 The source is streamed twice: first each row's task and a hash of its text (to count, drop duplicates
 and choose rows without holding any text), then the chosen rows are tokenised. The README lists the commands.
@@ -24,113 +21,16 @@ import os
 import secrets
 import shutil
 import sys
-import time
 import zlib
 from collections import Counter
-from contextlib import nullcontext
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from gpt2 import hub_file
-
-FORMAT, ENCODING, SPLITS = "bora-gpt2-data/2", "gpt2", ("train", "val", "test")
-PROMPT = "[{task}]"  # what the model reads before each text (input only, never scored)
-EOT = 50256  # GPT-2's <|endoftext|>: ends every document, and pads batches (padding is never scored)
-REMAKE = "re-create it with prepare_data.py (python prepare_data.py --help)"
-
-
-# ---- Reading a prepared folder, and scoring models on it (train.py, eval.py) ----
-
-@dataclass
-class Split:
-    tokens: np.ndarray  # (n_tokens,) uint16, memory-mapped
-    offsets: np.ndarray  # (n_docs + 1,) int64
-    task_ids: np.ndarray  # (n_docs,) int64: index into meta["tasks"]
-    prompt_lens: np.ndarray  # (n_docs,) int64: leading tokens that are input only
-
-    def __len__(self) -> int:
-        return len(self.task_ids)
-
-    def document(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]  # prompt + text + <|endoftext|>
-
-
-def load_meta(data_dir: str | os.PathLike) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"data folder {data_dir} does not exist; create it with prepare_data.py --out {data_dir}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read ({e}); {REMAKE}") from None
-    if not isinstance(meta, dict) or (meta.get("format"), meta.get("encoding")) != (FORMAT, ENCODING):
-        raise ValueError(f"{path} is not a {FORMAT} dataset of the {ENCODING} encoding; {REMAKE}")
-    return meta
-
-
-def load_split(data_dir: str | os.PathLike, split: str) -> Split:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    load_meta(data_dir)
-    try:  # the tokens can be large: mapped, not read
-        return Split(*(np.load(Path(data_dir, split, f"{name}.npy"), mmap_mode="r" if name == "tokens" else None)
-                       for name in ("tokens", "offsets", "task_ids", "prompt_lens")))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{data_dir}/{split} cannot be read ({e}); {REMAKE}") from None
-
-
-def make_batch(split: Split, doc_ids: list[int], block_size: int, device: str
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Documents -> inputs x (B, T), targets y (B, T) with -1 where nothing is scored, task ids t (B,).
-
-    x = doc[:-1] and y = doc[1:], cut to block_size and right-padded to the longest row. The target at
-    position j is token j+1, so with a prompt of p tokens the targets j < p-1 are prompt: not scored."""
-    docs = [split.document(i)[:block_size + 1].astype(np.int64) for i in doc_ids]
-    x = np.full((len(docs), max(map(len, docs)) - 1), EOT)
-    y = np.full_like(x, -1)
-    for row, (i, doc) in enumerate(zip(doc_ids, docs)):
-        x[row, :len(doc) - 1], y[row, :len(doc) - 1] = doc[:-1], doc[1:]
-        y[row, :max(split.prompt_lens[i] - 1, 0)] = -1
-    t = torch.as_tensor(split.task_ids[doc_ids])
-    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), t.to(device)
-
-
-def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """−log p(y_j | x_≤j) of every target (B, T), 0 where y is -1; in float32 even under autocast."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
-
-
-@torch.no_grad()
-def evaluate(model, split: Split, num_tasks: int, block_size: int, batch_size: int, device: str,
-             autocast=nullcontext(), label: str = "eval") -> dict:
-    """Mean log-likelihood per token and perplexity of a split: per task, token-weighted (every token
-    counts once: big tasks dominate) and averaged over tasks (every task counts once: the papers' tables)."""
-    was_training, started, shown = model.training, time.time(), time.time()
-    model.eval()  # no adapter dropout while measuring
-    nll, tokens = torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.int64)
-    for first in range(0, len(split), batch_size):
-        done = min(first + batch_size, len(split))
-        x, y, t = make_batch(split, list(range(first, done)), block_size, device)
-        with autocast:
-            logits, _ = model(x, t)  # (B, T, V)
-        nll.index_add_(0, t.cpu(), token_nll(logits, y).sum(1).double().cpu())  # each row into its task's slot
-        tokens.index_add_(0, t.cpu(), (y != -1).sum(1).cpu())
-        if time.time() - shown > 10 or (done == len(split) and time.time() - started > 10):
-            rate, shown = done / (time.time() - started), time.time()
-            print(f"{label}: {done}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - done) / rate:.0f} s left",
-                  file=sys.stderr, flush=True)
-    model.train(was_training)
-    ll = (-nll / tokens.clamp(min=1)).tolist()
-    token_ll, task_ll = -nll.sum().item() / max(tokens.sum().item(), 1), sum(ll) / len(ll)
-    return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": tokens.tolist(),
-            "ll_token_weighted": token_ll, "ppl_token_weighted": math.exp(-token_ll),
-            "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
-
+from cli import ArgumentParser, one_line_errors
+from data import ENCODING, FORMAT, SPLITS, encode_documents, gpt2_encoding
+from files import hub_file
 
 # ---- Presets: where a corpus comes from and how its tasks are chosen ----
 
@@ -316,36 +216,6 @@ def assign_splits(rows_of: dict[str, list[int]], take: dict[str, int], task_of: 
 
 # ---- Pass 2: tokenise the chosen rows into the split files ----
 
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding, or a one-line error saying how to make it available offline."""
-    try:
-        import tiktoken
-        return tiktoken.get_encoding(ENCODING)  # 50257 ids: they fit uint16
-    except Exception as e:  # not installed, no network, no cache: all mean the same to the user
-        raise ValueError(f"cannot load tiktoken's {ENCODING!r} encoding ({type(e).__name__}); install tiktoken and "
-                         "allow network access once, or set TIKTOKEN_CACHE_DIR to a folder of its files") from None
-
-
-def prompt_ids(enc, task: str | None) -> list[int]:
-    return enc.encode_ordinary(PROMPT.format(task=task)) if task is not None else []
-
-
-def encode_documents(enc, texts: list[str], tasks: list[str | None]) -> list[tuple[list[int], int]]:
-    """(ids, prompt_len) of each document as the split files hold it; a task of None: no prompt.
-
-    "[task]" and " " + text are tokenised apart. GPT-2's tokenizer joins a space to the word after it
-    and always cuts after "]", so this equals tokenising "[task] text" at once, and prompt_len counts
-    exactly "[task]". A literal "<|endoftext|>" in a text stays text; the real one is added here."""
-    prompts = {task: prompt_ids(enc, task) for task in set(tasks)}
-    bodies = enc.encode_ordinary_batch([text if task is None else " " + text for text, task in zip(texts, tasks)],
-                                       num_threads=8)  # tiktoken's threads share the batch
-    return [(prompts[task] + body + [enc.eot_token], len(prompts[task])) for task, body in zip(tasks, bodies)]
-
-
-def encode_document(enc, text: str, task: str | None) -> tuple[list[int], int]:
-    return encode_documents(enc, [text], [task])[0]
-
-
 def write_splits(a: argparse.Namespace, assignment: dict[int, tuple[int, int]], tasks: list[str], folder: Path,
                  enc) -> dict:
     """Read the source again, tokenise each chosen row into its split, write the arrays; return the counts."""
@@ -439,8 +309,7 @@ def warn(message: str) -> None:
 # ---- Command line ----
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage block
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     positive = lambda text: int(text) if text.isdigit() and int(text) > 0 else p.error(f"expected a positive integer, got {text}")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--csv", type=Path, metavar="PATH", help="a CSV file with a header row")
@@ -487,9 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     try:
-        prepare(a)
-    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
-        sys.exit(f"error: {e}")
+        with one_line_errors():
+            prepare(a)
     except KeyboardInterrupt:
         sys.exit("interrupted: no output folder was written")
 

@@ -9,14 +9,12 @@ so the model reads what it read in training; that task prompt is not printed bac
 """
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
-from bora import load_checkpoint, pick_device
+from bora import load_checkpoint
+from cli import ArgumentParser, one_line_errors, pick_device
+from data import encode_document, gpt2_encoding
 from gpt2 import GPT
-from prepare_data import encode_document, gpt2_encoding
 
 
 def generate_samples(gpt: GPT, enc, task: str | None, prompt: str, num_samples: int, max_new_tokens: int,
@@ -27,7 +25,7 @@ def generate_samples(gpt: GPT, enc, task: str | None, prompt: str, num_samples: 
     ids, hidden = encode_document(enc, prompt, task)  # prompt + text + <|endoftext|>, as in training
     context = ids[:-1] if prompt else ids[:hidden] if task is not None else [enc.eot_token]
     hidden = len(context) if not prompt else hidden  # the tokens not to show back
-    idx = torch.tensor([context] * num_samples, device=next(gpt.parameters()).device)  # (num_samples, T)
+    idx = torch.tensor([context] * num_samples, device=next(gpt.parameters()).device)  # (N, T), N = num_samples
     torch.manual_seed(seed)  # same seed, same device: same text
     samples = []
     for row in gpt.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k).tolist():
@@ -44,8 +42,7 @@ def format_samples(samples: list[str], task: str, seed: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Generate text with one task's adapter from a BoRA checkpoint.")
-    p.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage block
+    p = ArgumentParser(description="Generate text with one task's adapter from a BoRA checkpoint.")
     p.add_argument("ckpt", help="checkpoint written by train.py, e.g. out/emotion/ckpt.pt")
     p.add_argument("--task", required=True, help="task name from training, or 'global' for the mean adapter Θ")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
@@ -62,16 +59,14 @@ def main(argv: list[str] | None = None) -> None:
                                   ("--top-k", a.top_k, a.top_k >= 1, "at least 1")):
         if not ok:
             p.error(f"{flag} must be {need}, got {value}")
-    try:
+    with one_line_errors():
         device = pick_device(a.device)
         bora, ckpt = load_checkpoint(a.ckpt, device)
         task = bora.task_index(a.task)  # an unknown name lists the known ones
         gpt, enc = bora.merge(task).to(device), gpt2_encoding()
-        prompt_task = a.task if task >= 0 and ckpt["task_prompt"] else None  # Θ stands for an unseen task: no name
+        prompt_task = a.task if task >= 0 and ckpt.task_prompt else None  # Θ stands for an unseen task: no name
         samples = generate_samples(gpt, enc, prompt_task, a.prompt, a.num_samples, a.max_new_tokens, a.temperature,
                                    a.top_k, a.seed)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
     print(format_samples(samples, a.task, a.seed))
 
 

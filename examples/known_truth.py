@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository's modules, from any working directory
 from gpt2 import GPT, GPTConfig  # noqa: E402
-from prepare_data import gpt2_encoding, load_meta, load_split, prompt_ids  # noqa: E402
+from data import gpt2_encoding, load_meta, load_split, prompt_ids  # noqa: E402
 
 TASKS = ("amber", "birch", "cedar", "delta", "ember", "fern", "grove", "heath")  # sorted, as prepare_data sorts
 EOT, VOCAB = 50256, 50257  # GPT-2's <|endoftext|> (our END) and its vocabulary size
@@ -193,12 +193,12 @@ def restricted_vocab(world: World) -> np.ndarray:
 
 
 def nll_restricted(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Token NLL (B, T) of y (−1: not scored) under the FULL vocabulary's softmax, from R logits.
+    """Token NLL (N, T) of y (−1: not scored) under the FULL vocabulary's softmax, from R logits.
 
     The other VOCAB − R tokens have zero embeddings in the saved model, so their logits are exactly 0
     and add (VOCAB − R)·e⁰ to the normaliser: one constant column log(VOCAB − R) stands for them all."""
-    logits, _ = model(x)  # (B, T, R)
-    rest = torch.full_like(logits[..., :1], math.log(VOCAB - logits.size(-1)))  # (B, T, 1)
+    logits = model(x)  # (N, T, R)
+    rest = torch.full_like(logits[..., :1], math.log(VOCAB - logits.size(-1)))  # (N, T, 1)
     nll = F.cross_entropy(torch.cat([logits, rest], -1).flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
     return nll.view_as(y)
 
@@ -289,7 +289,7 @@ def run_tau(data: Path, base: Path, out: Path, tau: str, a: argparse.Namespace, 
     run([sys.executable, str(ROOT / "train.py"), *train_argv(data, base, out, tau, a)], threads)
     result = json.loads(run([sys.executable, str(ROOT / "eval.py"), str(out / "ckpt.pt"), "--json"], threads))
     done = json.loads((out / "log.jsonl").read_text().splitlines()[-1])  # the "done" record
-    return {**result["checkpoints"][0], "lr": json.loads((out / "args.json").read_text())["lr_used"],
+    return {**result["checkpoints"][0], "lr": json.loads((out / "args.json").read_text())["lr"],
             "epochs_run": done["epoch"] - 1}  # the epoch it would have run next
 
 

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import perturb, prior_by_hand
 
 from bora import BoRA, LoRAConfig
 from gpt2 import GPT, GPTConfig
@@ -21,16 +22,6 @@ def gpt() -> GPT:
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=VOCAB))
 
 
-def randomise_adapters(bora: BoRA, seed: int = 0, std: float = 0.1) -> BoRA:
-    """Different non-zero adapters for every task and Θ (at init they all coincide and B = 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in bora.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return bora
-
-
 def tokens(batch: int, length: int = 10, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -39,9 +30,8 @@ def test_init_equals_plain_gpt_and_prior_is_zero(gpt):
     plain = copy.deepcopy(gpt)
     bora = BoRA(gpt, TASKS, LoRAConfig(targets=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")))
     idx, targets = tokens(4), tokens(4, seed=2)
-    logits, loss = bora(idx, torch.tensor([0, 1, 2, -1]), targets)
-    plain_logits, plain_loss = plain(idx, targets)
-    assert torch.equal(logits, plain_logits) and torch.equal(loss, plain_loss)
+    ids = torch.tensor([0, 1, 2, -1])
+    assert torch.equal(bora(idx, ids), plain(idx)) and torch.equal(bora(idx, ids, targets), plain(idx, targets))
     assert prior(bora, 2.0).item() == 0.0
     assert torch.equal(bora.distances(), torch.zeros(len(TASKS)))
 
@@ -51,7 +41,7 @@ def test_base_frozen_by_construction_and_counts(gpt):
     bora = BoRA(gpt, TASKS, LoRAConfig(rank=4))
     layers = [m for m in bora.modules() if isinstance(m, LoRALinear)]
     assert len(layers) == 2 and all(isinstance(m.base, torch.nn.Linear) for m in layers)
-    trainable = {id(p) for m in layers for p in (m.A, m.B, m.A0, m.B0)}
+    trainable = {id(p) for m in layers for p in (m.A, m.B, m.A_mean, m.B_mean)}
     assert all(p.requires_grad == (id(p) in trainable) for p in bora.parameters())
     # c_attn is (96, 32): per layer (D + 1) adapters of r·(in + out) numbers
     assert bora.parameter_counts() == (2 * (len(TASKS) + 1) * 4 * (32 + 96), n_base)
@@ -64,19 +54,19 @@ def test_targets_pick_exactly_the_named_linears(gpt):
 
 
 def test_mixed_rows_equal_merged_models_and_merge_leaves_bora_alone(gpt):
-    bora = randomise_adapters(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "mlp.c_proj"))))
+    bora = perturb(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "mlp.c_proj"))), std=0.1)
     ids = torch.tensor([2, 0, -1, 1, 0])
     idx = tokens(len(ids))
-    logits, _ = bora(idx, ids)
+    logits = bora(idx, ids)
     saved = bora.adapter_state_dict()
     for task in (-1, 0, 1, 2):
         merged = bora.merge(task)
         assert type(merged) is GPT and not any(isinstance(m, LoRALinear) for m in merged.modules())
         assert merged.lm_head.weight is merged.transformer.wte.weight  # still tied
         rows = ids == task
-        assert (merged(idx[rows])[0] - logits[rows]).abs().max() <= 1e-5, f"task {task}"
+        assert (merged(idx[rows]) - logits[rows]).abs().max() <= 1e-5, f"task {task}"
     assert all(torch.equal(v, bora.adapter_state_dict()[k]) for k, v in saved.items())
-    assert torch.equal(bora(idx, ids)[0], logits)
+    assert torch.equal(bora(idx, ids), logits)
 
 
 def test_shared_mode_every_task_is_theta(gpt):
@@ -85,25 +75,25 @@ def test_shared_mode_every_task_is_theta(gpt):
     layers = list(bora.adapted.values())
     assert all(m.A.shape[0] == 0 and m.B.shape[0] == 0 for m in layers)  # no task adapters exist
     idx, targets = tokens(1).expand(4, -1), tokens(4, seed=2)
-    assert torch.equal(bora(idx, torch.tensor([0, 1, 2, -1]))[0], plain(idx)[0])  # Θ starts as the base
-    randomise_adapters(bora)
-    logits, _ = bora(idx, torch.tensor([0, 1, 2, -1]))
-    assert not torch.equal(logits[0], plain(idx)[0][0])
+    assert torch.equal(bora(idx, torch.tensor([0, 1, 2, -1])), plain(idx))  # Θ starts as the base
+    perturb(bora, std=0.1)
+    logits = bora(idx, torch.tensor([0, 1, 2, -1]))
+    assert not torch.equal(logits[0], plain(idx)[0])
     assert all(torch.equal(logits[row], logits[3]) for row in range(3))
-    assert torch.equal(bora.merge(1)(idx)[0], bora.merge(-1)(idx)[0])
+    assert torch.equal(bora.merge(1)(idx), bora.merge(-1)(idx))
     assert prior(bora, 2.0).item() == 0.0 and torch.equal(bora.distances(), torch.zeros(len(TASKS)))
     # Θ is what trains: a step moves it, and AdamW copes with the empty task tensors
     opt = torch.optim.AdamW([p for p in bora.parameters() if p.requires_grad], lr=1e-2)
-    bora(idx, torch.tensor([0, 1, 2, 0]), targets)[1].backward()
-    theta_before = layers[0].A0.detach().clone()
+    bora(idx, torch.tensor([0, 1, 2, 0]), targets).sum().backward()
+    theta_before = layers[0].A_mean.detach().clone()
     opt.step()
-    assert not torch.equal(layers[0].A0, theta_before)
+    assert not torch.equal(layers[0].A_mean, theta_before)
 
 
 def test_absent_task_gets_zero_likelihood_gradient(gpt):
-    bora = randomise_adapters(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "c_fc"))))
+    bora = perturb(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "c_fc"))), std=0.1)
     idx, targets = tokens(3), tokens(3, seed=2)
-    bora(idx, torch.tensor([0, 2, 0]), targets)[1].backward()
+    bora(idx, torch.tensor([0, 2, 0]), targets).sum().backward()
     for layer in bora.adapted.values():
         assert torch.count_nonzero(layer.A.grad[1]) == 0 and torch.count_nonzero(layer.B.grad[1]) == 0
         assert layer.A.grad[0].abs().max() > 0 and layer.B.grad[2].abs().max() > 0
@@ -113,34 +103,39 @@ def test_absent_task_gets_zero_likelihood_gradient(gpt):
 
 
 def test_prior_and_distances_match_a_hand_sum(gpt):
-    bora = randomise_adapters(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "c_fc"))))
-    layers = list(bora.adapted.values())
-    sq = [sum(((m.A[d] - m.A0) ** 2).sum() + ((m.B[d] - m.B0) ** 2).sum() for m in layers) for d in range(3)]
-    assert torch.allclose(prior(bora, 2.0), sum(sq))  # τ/2 · Σ with τ = 2
-    assert torch.allclose(bora.distances(), torch.stack(sq).sqrt())
+    bora = perturb(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "c_fc"))), std=0.1)
+    assert prior(bora, 2.0).item() == pytest.approx(prior_by_hand(bora, 2.0), rel=1e-6)  # τ/2 · Σ with τ = 2
+    # the distance of task d alone: the prior with only d's adapters away from Θ
+    for d in range(len(TASKS)):
+        alone = copy.deepcopy(bora)
+        with torch.no_grad():
+            for m in alone.adapted.values():
+                others = [e for e in range(len(TASKS)) if e != d]
+                m.A[others], m.B[others] = m.A_mean, m.B_mean
+        assert bora.distances()[d].item() == pytest.approx(prior_by_hand(alone, 2.0) ** 0.5, rel=1e-5)
 
 
 def test_theta_map_is_the_mean_of_the_task_adapters(gpt):
-    bora = randomise_adapters(BoRA(gpt, TASKS, LoRAConfig(rank=4)))
+    bora = perturb(BoRA(gpt, TASKS, LoRAConfig(rank=4)), std=0.1)
     layers = list(bora.adapted.values())
-    thetas = [p for m in layers for p in (m.A0, m.B0)]
+    thetas = [p for m in layers for p in (m.A_mean, m.B_mean)]
     opt = torch.optim.Adam(thetas, lr=0.02)  # the task adapters stay fixed: only Θ moves
     for _ in range(300):
         opt.zero_grad()
         prior(bora, 2.0).backward()
         opt.step()
     for m in layers:
-        assert torch.allclose(m.A0, m.A.mean(dim=0), atol=1e-4)
-        assert torch.allclose(m.B0, m.B.mean(dim=0), atol=1e-4)
+        assert torch.allclose(m.A_mean, m.A.mean(dim=0), atol=1e-4)
+        assert torch.allclose(m.B_mean, m.B.mean(dim=0), atol=1e-4)
 
 
 def test_base_weights_unchanged_by_a_training_step(gpt):
-    bora = randomise_adapters(BoRA(gpt, TASKS, LoRAConfig(rank=4)))
-    base_before = {k: v.clone() for k, v in bora.gpt.state_dict().items() if not k.endswith(("A", "B", "A0", "B0"))}
+    bora = perturb(BoRA(gpt, TASKS, LoRAConfig(rank=4)), std=0.1)
+    base_before = {k: v.clone() for k, v in bora.gpt.state_dict().items() if k.endswith(("weight", "bias"))}
     adapters_before = bora.adapter_state_dict()
     opt = torch.optim.AdamW([p for p in bora.parameters() if p.requires_grad], lr=1e-2)
-    _, loss = bora(tokens(3), torch.tensor([0, 1, -1]), tokens(3, seed=2))
-    (loss + prior(bora, 1.0)).backward()
+    nll = bora(tokens(3), torch.tensor([0, 1, -1]), tokens(3, seed=2))
+    (nll.mean() + prior(bora, 1.0)).backward()
     opt.step()
     assert all(torch.equal(v, bora.gpt.state_dict()[k]) for k, v in base_before.items())
     assert not torch.equal(adapters_before["transformer.h.0.attn.c_attn.A"], bora.gpt.transformer.h[0].attn.c_attn.A)
@@ -148,15 +143,15 @@ def test_base_weights_unchanged_by_a_training_step(gpt):
 
 def test_adapter_state_dict_round_trip(gpt, tmp_path):
     fresh_base = copy.deepcopy(gpt)
-    bora = randomise_adapters(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "mlp.c_proj"))))
+    bora = perturb(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "mlp.c_proj"))), std=0.1)
     sd = bora.adapter_state_dict()
     assert not any(k.endswith(("weight", "bias")) for k in sd)  # adapters only, never the frozen GPT-2
-    assert len(sd) == 2 * 2 * 4  # layers × targets × (A, B, A0, B0)
+    assert len(sd) == 2 * 2 * 4  # layers × targets × (A, B, A_mean, B_mean)
     torch.save(sd, tmp_path / "adapters.pt")
     again = BoRA(fresh_base, TASKS, LoRAConfig(rank=4, targets=("c_attn", "mlp.c_proj")))
     again.load_adapter_state_dict(torch.load(tmp_path / "adapters.pt", weights_only=True))
     idx, ids = tokens(4), torch.tensor([0, 1, 2, -1])
-    assert torch.equal(again(idx, ids)[0], bora(idx, ids)[0])
+    assert torch.equal(again(idx, ids), bora(idx, ids))
 
 
 def test_strict_load_errors(gpt):

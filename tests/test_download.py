@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt2
+import files
+from data import load_meta
 from gpt2 import GPT
 
 
@@ -81,7 +82,7 @@ def test_download_then_cache(hub, tiny_hf_dir, tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().err  # the progress line
     idx = torch.arange(10).view(1, 10)
     with torch.no_grad():
-        assert torch.equal(model(idx)[0], GPT.from_pretrained(str(tiny_hf_dir))(idx)[0])
+        assert torch.equal(model(idx), GPT.from_pretrained(str(tiny_hf_dir))(idx))
 
     hub.stop()  # the second call must not need the network
     again = GPT.from_pretrained("openai-community/gpt2")
@@ -154,10 +155,10 @@ def test_the_commit_the_hub_names_becomes_the_snapshot(hub, tmp_path):
 def test_dataset_files_are_fetched_at_their_pinned_revision(hub, tmp_path):
     url = "/datasets/dair-ai/emotion/resolve/feed42/data/train.jsonl.gz"
     hub.files[url] = b"{}"
-    path = gpt2.hub_file("dair-ai/emotion", "data/train.jsonl.gz", "feed42", kind="dataset")
+    path = files.hub_file("dair-ai/emotion", "data/train.jsonl.gz", "feed42", kind="dataset")
     assert hub.requests == [url] and path.read_bytes() == b"{}"
     assert path == tmp_path / "hf_home" / "hub" / "datasets--dair-ai--emotion" / "snapshots" / "feed42" / "data" / "train.jsonl.gz"
-    assert gpt2.hub_file("dair-ai/emotion", "data/train.jsonl.gz", "feed42", kind="dataset") == path  # cached now
+    assert files.hub_file("dair-ai/emotion", "data/train.jsonl.gz", "feed42", kind="dataset") == path  # cached now
     assert len(hub.requests) == 1
 
 
@@ -176,12 +177,12 @@ def test_prepare_data_without_arguments_fetches_the_emotion_corpus(hub, tmp_path
             "".join(json.dumps(r) + "\n" for r in rows).encode())
     monkeypatch.chdir(tmp_path)
     prepare_data.main([])
-    meta = prepare_data.load_meta(tmp_path / "data" / "emotion")
+    meta = load_meta(tmp_path / "data" / "emotion")
     assert meta["tasks"] == sorted(labels.values()) == ["anger", "fear", "joy", "love", "sadness", "surprise"]
     assert sum(c["docs"] for split in meta["counts"].values() for c in split.values()) == 12 + 13 + 14
     hub.stop()  # a second preparation needs no network
     prepare_data.main(["--out", str(tmp_path / "again")])
-    assert prepare_data.load_meta(tmp_path / "again")["fingerprint"] == meta["fingerprint"]
+    assert load_meta(tmp_path / "again")["fingerprint"] == meta["fingerprint"]
 
 
 def test_prepare_data_offline_says_what_to_fetch_and_where(hub, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """eval.py: loading checkpoints (and refusing what is not one), reports, comparisons, JSON, plot.
 
-The checkpoints here are written by train.py's own checkpoint() from BoRAs with
+The checkpoints here are written by train.py's own checkpoint() (conftest.write_checkpoint) from BoRAs with
 random adapters: no training needed to test the reporting. (The end-to-end test evaluates trained ones.)
 """
 from __future__ import annotations
@@ -15,21 +15,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_hf_checkpoint
-from test_train import perturbed_bora, prepare
+from conftest import perturb, prepare, write_checkpoint, write_hf_checkpoint
 
 import eval as evaluate_cli
 import prepare_data
-import train
-from bora import load_checkpoint
+from bora import BoRA, LoRAConfig, load_checkpoint
+from data import load_split
+from gpt2 import GPT
+
+
+def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
+    model = BoRA(GPT.from_pretrained(str(hf)), ["alpha", "beta", "gamma"], LoRAConfig(rank=4), shared=shared)
+    return perturb(model, seed=seed)
 
 
 def write_ckpt(model, data: Path, hf: Path, path: Path, tau: float) -> Path:
-    """Save as train.py saves its best epoch, through train.py's own checkpoint()."""
-    cfg = train.TrainConfig(data=str(data), out=str(path.parent), init=str(hf), tau=tau, rank=4, block_size=32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(train.checkpoint(cfg, model, prepare_data.load_meta(data), epoch=3, val={}), path)
-    return path
+    return write_checkpoint(model, path, hf, tau=tau, data=data)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_load_checkpoint_rebuilds_the_model(setup):
     assert model.adapter_state_dict().keys() == saved.keys()
     assert all(torch.equal(model.adapter_state_dict()[k], v) for k, v in saved.items())
     assert model.task_names == ["alpha", "beta", "gamma"] and model.lora.rank == 4 and not model.training
-    assert ckpt["tau"] == 10.0 and ckpt["train_sizes"] == [4, 6, 8]
+    assert ckpt.tau == 10.0 and ckpt.train_sizes == [4, 6, 8]
 
 
 def test_load_checkpoint_refuses_what_is_not_one(setup, tmp_path):
@@ -90,7 +91,7 @@ def test_single_report(setup):
     assert "tau=10" in text and "token-weighted" in text and "task-averaged" in text
     model, _ = load_checkpoint(setup["ckpts"][10.0])
     report = evaluate_cli.evaluate_checkpoint(setup["ckpts"][10.0], split="val")
-    val = prepare_data.load_split(setup["data"], "val")
+    val = load_split(setup["data"], "val")
     assert [t["docs"] for t in report["tasks"]] == [int((val.task_ids == d).sum()) for d in range(3)]
     assert [t["train_docs"] for t in report["tasks"]] == [4, 6, 8]
     assert [t["distance"] for t in report["tasks"]] == pytest.approx(model.distances().tolist())

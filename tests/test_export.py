@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_hf_checkpoint
+from conftest import perturb, write_checkpoint, write_hf_checkpoint
 
 import export
-import train
 from bora import BoRA, LoRAConfig
 from gpt2 import GPT
 
@@ -19,23 +18,7 @@ LORA = LoRAConfig(rank=4, alpha=8.0, targets=("c_attn", "mlp.c_proj"))
 def perturbed_bora(hf_dir: Path) -> BoRA:
     """A BoRA whose task adapters and Θ are all non-zero and all different (as after training)."""
     torch.manual_seed(0)
-    bora = BoRA(GPT.from_pretrained(str(hf_dir)), TASKS, LORA)
-    with torch.no_grad():
-        for p in bora.parameters():
-            if p.requires_grad:  # A, B (one slice per task), A0, B0; B starts at 0, so ΔW would be 0
-                p.add_(0.2 * torch.randn_like(p))
-    return bora.eval()
-
-
-def write_checkpoint(bora: BoRA, hf_dir: Path, path: Path, task_prompt: bool = True) -> Path:
-    """Save as train.py saves its best epoch, through train.py's own checkpoint()."""
-    cfg = train.TrainConfig(data=str(path.parent / "data"), out=str(path.parent), init=str(hf_dir), tau=10.0,
-                            rank=LORA.rank, alpha=LORA.alpha, targets=",".join(LORA.targets))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"tasks": TASKS, "task_prompt": task_prompt, "fingerprint": "0",
-            "counts": {"train": {t: {"docs": n} for t, n in zip(TASKS, (10, 20, 30))}}}
-    torch.save(train.checkpoint(cfg, bora, meta, epoch=1, val={}), path)
-    return path
+    return perturb(BoRA(GPT.from_pretrained(str(hf_dir)), TASKS, LORA), std=0.2).eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +27,20 @@ def setup(tmp_path_factory) -> tuple[BoRA, Path, Path]:
     root = tmp_path_factory.mktemp("export")
     hf_dir = write_hf_checkpoint(root / "tiny-gpt2")
     bora = perturbed_bora(hf_dir)
-    return bora, write_checkpoint(bora, hf_dir, root / "run" / "ckpt.pt"), hf_dir
+    return bora, write_checkpoint(bora, root / "run" / "ckpt.pt", hf_dir), hf_dir
 
 
-IDX = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(3))  # (B, T)
+IDX = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(3))  # (N, T)
 
 
 def bora_logits(bora: BoRA, task: int) -> torch.Tensor:
     with torch.no_grad():
-        return bora(IDX, torch.full((IDX.shape[0],), task))[0]  # (B, T, V)
+        return bora(IDX, torch.full((IDX.shape[0],), task))  # (N, T, V)
 
 
 def gpt_logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return model(IDX)[0]
+        return model(IDX)
 
 
 @pytest.mark.parametrize("task", ["sadness", "anger", "global"])
@@ -123,5 +106,5 @@ def test_exported_folder_loads_in_transformers_with_equal_logits(setup, tmp_path
     export.main([str(ckpt), "--task", "sadness", "--out", str(out)])
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        hf_logits = hf(IDX).logits  # (B, T, V)
+        hf_logits = hf(IDX).logits  # (N, T, V)
     assert (hf_logits - bora_logits(bora, bora.task_index("sadness"))).abs().max().item() <= 1e-5

@@ -49,7 +49,7 @@ def reference_logits(hf: dict[str, torch.Tensor], n_head: int, idx: torch.Tensor
 
 def max_diff(model: GPT, hf: dict[str, torch.Tensor], n_head: int, idx: torch.Tensor) -> float:
     with torch.no_grad():
-        logits, _ = model(idx)
+        logits = model(idx)
     return (logits.double() - reference_logits(hf, n_head, idx)).abs().max().item()
 
 
@@ -109,18 +109,21 @@ def test_future_tokens_never_change_earlier_logits(tiny_hf_dir, idx):
     changed = idx.clone()
     changed[:, 15] = (changed[:, 15] + 1) % TINY["vocab_size"]
     with torch.no_grad():
-        before, after = model(idx)[0], model(changed)[0]
+        before, after = model(idx), model(changed)
     assert torch.equal(before[:, :15], after[:, :15])
     assert not torch.allclose(before[:, 15:], after[:, 15:])  # the change does reach its own position onwards
 
 
 def test_loss_ignores_targets_of_minus_one(tiny_hf_dir, idx):
+    """With targets, each target's NLL from the full logits, and exactly 0 where the target is -1."""
     model = GPT.from_pretrained(str(tiny_hf_dir))
     targets = idx.roll(-1, dims=1)
     targets[:, :5] = -1
-    logits, loss = model(idx, targets)
-    expected = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), targets[:, 5:].flatten())
-    assert torch.allclose(loss, expected)
+    with torch.no_grad():
+        logits, nll = model(idx), model(idx, targets)  # (N, T, V), (N, T)
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), targets[:, 5:].flatten(), reduction="none")
+    assert nll.shape == targets.shape and torch.equal(nll[:, :5], torch.zeros(2, 5))
+    assert torch.allclose(nll[:, 5:].flatten(), expected, atol=1e-5)
 
 
 def test_generate_with_top_k_1_is_greedy(tiny_hf_dir, idx):
@@ -128,7 +131,7 @@ def test_generate_with_top_k_1_is_greedy(tiny_hf_dir, idx):
     out = model.generate(idx[:1, :4], max_new_tokens=3, top_k=1)
     greedy = idx[:1, :4]
     for _ in range(3):
-        greedy = torch.cat([greedy, model(greedy)[0][:, -1:].argmax(-1)], dim=1)
+        greedy = torch.cat([greedy, model(greedy)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, greedy)
 
 
@@ -214,7 +217,7 @@ def test_save_pretrained_round_trip_is_exact(tiny_hf_dir, tmp_path, idx):
     model.save_pretrained(tmp_path / "saved")
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
     with torch.no_grad():
-        assert torch.equal(GPT.from_pretrained(str(tmp_path / "saved"))(idx)[0], model(idx)[0])
+        assert torch.equal(GPT.from_pretrained(str(tmp_path / "saved"))(idx), model(idx))
 
 
 def test_save_pretrained_writes_hugging_face_keys_and_orientation(tiny_hf_dir, tmp_path):

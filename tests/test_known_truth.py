@@ -79,7 +79,7 @@ def test_saved_base_equals_the_restricted_model(base):
     x, y = kt.base_documents(replace(world, cfg=replace(world.cfg, base_docs=8)), R)
     full = GPT.from_pretrained(str(folder))
     with torch.no_grad():
-        logits, _ = full(torch.from_numpy(R)[x])  # (B, T, 50257)
+        logits = full(torch.from_numpy(R)[x])  # (N, T, 50257)
         targets = torch.where(y >= 0, torch.from_numpy(R)[y.clamp(min=0)], -1)
         expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1,
                                                      reduction="none").view_as(y)

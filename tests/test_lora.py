@@ -5,19 +5,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import perturb
 
 from lora import LoRALinear
 
 IN, OUT, RANK, ALPHA, TASKS = 8, 12, 4, 8.0, 3
 
 
-def randomised(layer: LoRALinear, seed: int = 0) -> LoRALinear:
-    """Give every task and Θ its own non-zero adapter (at init they are all equal and B = 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (layer.A, layer.B, layer.A0, layer.B0):
-            p.copy_(torch.randn(p.shape, generator=g))
-    return layer
+def randomised(layer: LoRALinear) -> LoRALinear:
+    return perturb(layer, std=0.5)  # every task and Θ its own non-zero adapter (at init all equal, B = 0)
 
 
 @pytest.fixture
@@ -28,9 +24,9 @@ def layer() -> LoRALinear:
 
 def test_base_is_frozen_and_adapters_train(layer):
     assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
-    assert all(p.requires_grad for p in (layer.A, layer.B, layer.A0, layer.B0))
+    assert all(p.requires_grad for p in (layer.A, layer.B, layer.A_mean, layer.B_mean))
     assert layer.A.shape == (TASKS, RANK, IN) and layer.B.shape == (TASKS, OUT, RANK)
-    assert layer.A0.shape == (RANK, IN) and layer.B0.shape == (OUT, RANK)
+    assert layer.A_mean.shape == (RANK, IN) and layer.B_mean.shape == (OUT, RANK)
     assert layer.scaling == ALPHA / RANK
 
 
@@ -38,9 +34,9 @@ def test_init_equals_base_layer_and_every_task_starts_at_theta(layer):
     x = torch.randn(4, 5, IN)
     ids = torch.tensor([0, 1, 2, -1])
     assert torch.equal(layer(x, ids), layer.base(x))
-    assert torch.equal(layer.A, layer.A0.expand(TASKS, -1, -1)) and torch.count_nonzero(layer.B) == 0
-    assert layer.A0.abs().max() > 0  # A0 random (Kaiming-uniform), so B gets a gradient from the start
-    assert torch.equal(layer.A - layer.A0, torch.zeros_like(layer.A)) and torch.equal(layer.B0, torch.zeros_like(layer.B0))
+    assert torch.equal(layer.A, layer.A_mean.expand(TASKS, -1, -1)) and torch.count_nonzero(layer.B) == 0
+    assert layer.A_mean.abs().max() > 0  # A_mean random (Kaiming-uniform), so B gets a gradient from the start
+    assert torch.equal(layer.A - layer.A_mean, torch.zeros_like(layer.A)) and torch.equal(layer.B_mean, torch.zeros_like(layer.B_mean))
 
 
 def test_mixed_batch_rows_equal_their_merged_weight(layer):
@@ -61,7 +57,7 @@ def test_one_task_is_standard_lora():
     # the LoRA paper / PEFT, by hand: h = x Wᵀ + b + (alpha/r) · (x Aᵀ) Bᵀ, A (r, in), B (out, r)
     reference = x @ W.T + b + (ALPHA / RANK) * ((x @ A.T) @ B.T)
     assert (layer(x, torch.zeros(3, dtype=torch.long)) - reference).abs().max() <= 1e-5
-    reference_theta = x @ W.T + b + (ALPHA / RANK) * ((x @ layer.A0.T) @ layer.B0.T)
+    reference_theta = x @ W.T + b + (ALPHA / RANK) * ((x @ layer.A_mean.T) @ layer.B_mean.T)
     assert (layer(x, torch.full((3,), -1)) - reference_theta).abs().max() <= 1e-5
 
 
@@ -77,7 +73,7 @@ def test_absent_task_gets_no_likelihood_gradient_only_the_prior_couples(layer):
     randomised(layer)
     layer(torch.randn(4, 5, IN), torch.tensor([0, 2, 2, 0])).pow(2).sum().backward()
     assert torch.count_nonzero(layer.A.grad[1]) == 0 and torch.count_nonzero(layer.B.grad[1]) == 0
-    assert torch.count_nonzero(layer.A0.grad) == 0 and torch.count_nonzero(layer.B0.grad) == 0  # no -1 row
+    assert torch.count_nonzero(layer.A_mean.grad) == 0 and torch.count_nonzero(layer.B_mean.grad) == 0  # no -1 row
     assert layer.A.grad[0].abs().max() > 0 and layer.B.grad[2].abs().max() > 0
 
 

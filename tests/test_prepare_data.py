@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data
 import prepare_data as pd_
-from prepare_data import load_meta, load_split, main
+from data import load_meta, load_split
+from prepare_data import main
 
 EOT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
 def enc():
-    return pd_.gpt2_encoding()
+    return data.gpt2_encoding()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def documents(data_dir: Path, enc) -> list[tuple[str, str, str, int]]:
     """(split, task, decoded document, prompt length) of every document in the folder."""
     tasks = load_meta(data_dir)["tasks"]
     out = []
-    for split in pd_.SPLITS:
+    for split in data.SPLITS:
         s = load_split(data_dir, split)
         for i in range(len(s)):
             out.append((split, tasks[s.task_ids[i]], enc.decode(s.document(i).tolist()), int(s.prompt_lens[i])))
@@ -131,7 +133,7 @@ def test_tokens_equal_tiktoken_of_the_whole_document(tmp_path, enc):
     end-of-text id is the last one (a literal "<|endoftext|>" in a text stays text)."""
     main(["--csv", str(nasty_csv(tmp_path / "n.csv")), "--out", str(tmp_path / "d")])
     meta = load_meta(tmp_path / "d")
-    for split in pd_.SPLITS:
+    for split in data.SPLITS:
         s = load_split(tmp_path / "d", split)
         assert s.tokens.dtype == np.uint16 and s.offsets.dtype == s.task_ids.dtype == s.prompt_lens.dtype == np.int64
         for i in range(len(s)):
@@ -142,7 +144,7 @@ def test_tokens_equal_tiktoken_of_the_whole_document(tmp_path, enc):
             # encode_document (what sample.py uses) rebuilds the stored document from task and text
             task = meta["tasks"][s.task_ids[i]]
             body = text[len(f"[{task}] "):]
-            assert pd_.encode_document(enc, body, task) == (doc, s.prompt_lens[i])
+            assert data.encode_document(enc, body, task) == (doc, s.prompt_lens[i])
             assert enc.decode(doc[: s.prompt_lens[i]]) == f"[{task}]"
 
 
@@ -184,7 +186,7 @@ def test_reader_arrays_and_meta(tmp_path):
     assert meta["format"] == "bora-gpt2-data/2" and meta["encoding"] == "gpt2" and meta["tasks"] == ["a", "b"]
     assert meta["sources"] == [str(tmp_path / "n.csv")] and len(meta["fingerprint"]) == 64
     assert meta["args"]["split"] == [0.5, 0.25, 0.25] and meta["args"]["seed"] == 42
-    for split in pd_.SPLITS:
+    for split in data.SPLITS:
         s = load_split(tmp_path / "d", split)
         assert len(s) == len(s.task_ids) == len(s.offsets) - 1 and s.offsets[-1] == len(s.tokens)
         for t, task in enumerate(meta["tasks"]):
@@ -393,7 +395,7 @@ def test_same_seed_gives_byte_identical_folders(tmp_path, monkeypatch):
     other = folder_bytes(out)
     assert other["train/tokens.npy"] != first["train/tokens.npy"]  # other documents in each split ...
     assert load_meta(out)["counts"]["val"].keys() == {"a", "b", "c"}
-    assert [load_meta(out)["counts"][s]["a"]["docs"] for s in pd_.SPLITS] == [10, 5, 5]  # ... of the same sizes
+    assert [load_meta(out)["counts"][s]["a"]["docs"] for s in data.SPLITS] == [10, 5, 5]  # ... of the same sizes
 
 
 def test_split_sizes_per_task(tmp_path):
@@ -405,9 +407,9 @@ def test_split_sizes_per_task(tmp_path):
         main(["--csv", src, "--split", split_arg, "--drop-small-tasks", "--out", str(out)])
         meta = load_meta(out)
         for task in meta["tasks"]:
-            got = [meta["counts"][s][task]["docs"] for s in pd_.SPLITS]
+            got = [meta["counts"][s][task]["docs"] for s in data.SPLITS]
             assert got == pd_.largest_remainder(sizes[task], fractions)
-    assert [load_meta(tmp_path / "0.5,0.25,0.25")["counts"][s]["a"]["docs"] for s in pd_.SPLITS] == [5, 3, 2]
+    assert [load_meta(tmp_path / "0.5,0.25,0.25")["counts"][s]["a"]["docs"] for s in data.SPLITS] == [5, 3, 2]
 
 
 def test_largest_remainder():
@@ -426,7 +428,7 @@ def test_tasks_and_cap_without_preset(tmp_path):
     main(["--csv", src, "--tasks", "z,x", "--max-docs-per-task", "5", "--out", str(tmp_path / "d")])
     meta = load_meta(tmp_path / "d")
     assert meta["tasks"] == ["x", "z"]  # sorted, whatever order --tasks gave
-    assert [sum(meta["counts"][s][t]["docs"] for s in pd_.SPLITS) for t in meta["tasks"]] == [5, 5]
+    assert [sum(meta["counts"][s][t]["docs"] for s in data.SPLITS) for t in meta["tasks"]] == [5, 5]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +455,7 @@ def test_spotify_preset_keeps_big_emotions_and_their_ratio(tmp_path):
     meta = load_meta(tmp_path / "d")
     kept = {e: n for e, n in sorted(SPOTIFY_COUNTS.items()) if n >= 12}  # surprise (12) in, True (11) out
     assert meta["tasks"] == sorted(kept)
-    taken = {t: sum(meta["counts"][s][t]["docs"] for s in pd_.SPLITS) for t in meta["tasks"]}
+    taken = {t: sum(meta["counts"][s][t]["docs"] for s in data.SPLITS) for t in meta["tasks"]}
     assert sum(taken.values()) == 40
     for t, n in taken.items():  # within one of the exact proportional quota
         assert abs(n - 40 * kept[t] / sum(kept.values())) < 1
@@ -466,7 +468,7 @@ def test_total_samples_any_corpus_in_its_task_proportions(tmp_path):
     src = str(spotify_csv(tmp_path / "s.csv", {"joy": 60, "fear": 20, "surprise": 12}))
     main(["--csv", src, "--task-col", "emotion", "--total", "46", "--out", str(tmp_path / "d")])
     meta = load_meta(tmp_path / "d")
-    assert {t: sum(meta["counts"][s][t]["docs"] for s in pd_.SPLITS) for t in meta["tasks"]} == \
+    assert {t: sum(meta["counts"][s][t]["docs"] for s in data.SPLITS) for t in meta["tasks"]} == \
         {"fear": 10, "joy": 30, "surprise": 6}
     assert "is more than the 92 documents" in fails(["--csv", src, "--task-col", "emotion", "--total", "93", "--out",
                                                      str(tmp_path / "e")], tmp_path)
@@ -507,8 +509,8 @@ def test_talkofnorway_preset(tmp_path, enc, capsys):
     main(["--csv", src, "--preset", "talkofnorway", "--num-tasks", "2", "--out", str(tmp_path / "d")])
     meta = load_meta(tmp_path / "d")
     assert meta["tasks"] == ["abid q raja", "bjørn dæhlie"]  # lower case, no dots, first two alphabetically
-    assert [meta["counts"][s]["abid q raja"]["docs"] for s in pd_.SPLITS] == [101, 50, 50]
-    assert [meta["counts"][s]["bjørn dæhlie"]["docs"] for s in pd_.SPLITS] == [499, 250, 250]
+    assert [meta["counts"][s]["abid q raja"]["docs"] for s in data.SPLITS] == [101, 50, 50]
+    assert [meta["counts"][s]["bjørn dæhlie"]["docs"] for s in data.SPLITS] == [499, 250, 250]
     docs = documents(tmp_path / "d", enc)
     assert all(doc.startswith(f"[{task}] Dette er en tale") for _, task, doc, _ in docs)
     assert "dropped 13 row(s): text shorter than 40 characters" in capsys.readouterr().err
@@ -561,7 +563,7 @@ def test_talkofnorway_counts_raw_names_and_reports_names_that_collide(tmp_path, 
           "--out", str(tmp_path / "d")])
     meta = load_meta(tmp_path / "d")
     assert meta["tasks"] == ["kari nordmann"]
-    assert sum(meta["counts"][s]["kari nordmann"]["docs"] for s in pd_.SPLITS) == 470
+    assert sum(meta["counts"][s]["kari nordmann"]["docs"] for s in data.SPLITS) == 470
     assert "'Kari Nordmann', 'Kari. Nordmann' all become 'kari nordmann'" in capsys.readouterr().err
 
 

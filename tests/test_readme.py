@@ -57,16 +57,3 @@ def test_readme_command_is_accepted_by_its_script(argv, monkeypatch):
     script = importlib.import_module(argv[0])
     with pytest.raises(Parsed):
         script.main(argv[1:])
-
-
-def test_reading_path_line_numbers_are_current():
-    """`file.py:N`, line K of the path: line N is a def, and K counts the files before it in the path."""
-    root, path = Path(__file__).resolve().parent.parent, ["gpt2.py", "lora.py", "bora.py", "train.py"]
-    lengths = {f: len((root / f).read_text(encoding="utf-8").splitlines()) for f in path}
-    stated = re.search(r"train\.py \((\d+), (\d+), (\d+) and (\d+) lines\)", README)
-    assert stated and [int(n) for n in stated.groups()] == [lengths[f] for f in path]
-    references = re.findall(r"`(\w+\.py):(\d+)`, line (\d+) of the path", README)
-    assert len(references) == 3
-    for file, line, path_line in references:
-        assert (root / file).read_text(encoding="utf-8").splitlines()[int(line) - 1].lstrip().startswith("def ")
-        assert int(path_line) == sum(lengths[f] for f in path[:path.index(file)]) + int(line)

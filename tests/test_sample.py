@@ -7,13 +7,15 @@ from types import SimpleNamespace
 import pytest
 import tiktoken
 import torch
-from conftest import write_hf_checkpoint
-from test_export import LORA, TASKS, perturbed_bora, write_checkpoint  # the same tiny runs as export's tests
+from conftest import perturb, write_checkpoint, write_hf_checkpoint
 
-import prepare_data
 import sample
-from bora import BoRA
+from bora import BoRA, LoRAConfig
+from data import encode_document
 from gpt2 import GPT
+
+TASKS = ["joy", "sadness", "anger"]
+LORA = LoRAConfig(rank=4, alpha=8.0, targets=("c_attn", "mlp.c_proj"))
 
 ENC = tiktoken.get_encoding("gpt2")
 PROMPT = "I walked home"
@@ -26,13 +28,13 @@ def runs(tmp_path_factory) -> SimpleNamespace:
     """Checkpoints of one perturbed BoRA (with and without task prompts) and of an untrained one."""
     root = tmp_path_factory.mktemp("sample")
     hf_dir = write_hf_checkpoint(root / "tiny-gpt2")
-    bora = perturbed_bora(hf_dir)
+    bora = perturb(BoRA(GPT.from_pretrained(str(hf_dir)), TASKS, LORA), std=0.2).eval()
     untrained = BoRA(GPT.from_pretrained(str(hf_dir)), TASKS, LORA)  # B = 0: every task equals the base
     return SimpleNamespace(
         hf_dir=hf_dir, bora=bora,
-        ckpt=write_checkpoint(bora, hf_dir, root / "run" / "ckpt.pt"),
-        no_prompt=write_checkpoint(bora, hf_dir, root / "run-no-prompt" / "ckpt.pt", task_prompt=False),
-        untrained=write_checkpoint(untrained, hf_dir, root / "run-untrained" / "ckpt.pt"),
+        ckpt=write_checkpoint(bora, root / "run" / "ckpt.pt", hf_dir),
+        no_prompt=write_checkpoint(bora, root / "run-no-prompt" / "ckpt.pt", hf_dir, task_prompt=False),
+        untrained=write_checkpoint(untrained, root / "run-untrained" / "ckpt.pt", hf_dir),
     )
 
 
@@ -80,10 +82,10 @@ def test_global_samples_from_theta_without_task_prompt(runs, capsys) -> None:
 
 
 def test_the_model_reads_the_task_prompt_then_the_prompt(runs) -> None:
-    ids, hidden = prepare_data.encode_document(ENC, PROMPT, "sadness")  # the start of a training document
+    ids, hidden = encode_document(ENC, PROMPT, "sadness")  # the start of a training document
     assert ENC.decode(ids[:-1]) == "[sadness] " + PROMPT and ENC.decode(ids[hidden:-1]) == " " + PROMPT
     assert ids[:hidden] == ENC.encode("[sadness]") and ids[-1] == ENC.eot_token
-    assert prepare_data.encode_document(ENC, PROMPT, None) == (ENC.encode(PROMPT) + [ENC.eot_token], 0)
+    assert encode_document(ENC, PROMPT, None) == (ENC.encode(PROMPT) + [ENC.eot_token], 0)
     # with nothing generated, what comes back is the prompt exactly: the task prompt is not shown
     for prompt_task in ("sadness", None):
         assert sample.generate_samples(runs.bora.merge(1), ENC, prompt_task, PROMPT, 1, 0, 1.0, None, 0) == [PROMPT]

@@ -1,101 +1,40 @@
 """train.py: the objective (unbiased, exact micro-batches), checkpoints, exact resume, run safety, refusals.
 
-Everything runs on CPU with the tiny GPT-2 of conftest.py and a small synthetic multi-task corpus
-prepared by prepare_data.py itself. `write_corpus` and `train_run` are reused by the other test files.
+Everything runs on CPU with the tiny GPT-2 and the small three-task corpus of conftest.py.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import io
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_hf_checkpoint
+from conftest import adapters, perturb, prepare, prior_by_hand, read_log, train_run, write_hf_checkpoint
 
-import prepare_data
+import bora
 import train
 from bora import CKPT_FORMAT, BoRA, LoRAConfig
+from data import forward_passes, load_meta, load_split, make_batch
 from gpt2 import GPT
 
-# Three tasks that share most of their words and differ in a task-specific word list.
-SHARED_WORDS = "the a of and to in is was we they it on at with from by".split()
-TASK_WORDS = {"alpha": "red green blue yellow purple orange".split(), "beta": "dog cat horse mouse bird fish".split(),
-              "gamma": "one two three four five six".split()}
-
-
-def write_corpus(path: Path, train_docs: dict[str, int], seed: int = 0) -> Path:
-    """A CSV (text, task): half of each document's words from its task's list, half shared.
-
-    prepare_data's default split is 50/25/25 per task, so 2·n rows give n training documents.
-    """
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "task"])
-        for task, n in train_docs.items():
-            for _ in range(2 * n):
-                words = [rng.choice(TASK_WORDS[task] if rng.random() < 0.5 else SHARED_WORDS) for _ in range(8)]
-                w.writerow([" ".join(words), task])
-    return path
-
-
-def prepare(folder: Path, train_docs: dict[str, int], seed: int = 0) -> Path:
-    """CSV + prepare_data.py -> a dataset folder; return it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    csv_path = write_corpus(folder / f"corpus{seed}.csv", train_docs, seed)
-    with contextlib.redirect_stdout(io.StringIO()):
-        prepare_data.main(["--csv", str(csv_path), "--out", str(folder / f"data{seed}")])
-    return folder / f"data{seed}"
-
-
-def train_run(data: Path, hf: Path, out: Path, *extra: str) -> Path:
-    """train.main in-process with small settings; extra arguments win. Return the run folder."""
-    args = ["--data", str(data), "--init", str(hf), "--out", str(out), "--rank", "4", "--block-size", "32",
-            "--batch-size", "16", "--max-epochs", "2", *extra]
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.main(args)
-    return out
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def adapters(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["adapters"]
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[Path, Path]:
-    """(dataset with 3 tasks of 4/6/8 training documents, tiny GPT-2 folder), shared by this module."""
-    root = tmp_path_factory.mktemp("small")
-    return prepare(root, {"alpha": 4, "beta": 6, "gamma": 8}), write_hf_checkpoint(root / "tiny-gpt2")
-
-
 def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
-    """A BoRA whose adapters all differ (B ≠ 0), so that every gradient below is non-trivial."""
+    """A BoRA of the three tasks whose adapters all differ (B ≠ 0), so that every gradient below is non-trivial."""
     torch.manual_seed(seed)
     model = BoRA(GPT.from_pretrained(str(hf)), ["alpha", "beta", "gamma"], LoRAConfig(rank=4), shared=shared)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model.train()
+    return perturb(model, seed=seed).train()
+
+
+def passes(split, doc_ids: list[int], docs_per_pass: int = 8):
+    return list(forward_passes(split, doc_ids, 32, docs_per_pass, "cpu"))
 
 
 # ---- the objective ------------------------------------------------------------------------------
-
-
-def cfg(**changes) -> train.TrainConfig:
-    return train.TrainConfig(**{"rank": 4, "block_size": 32, "micro_batch": 8, **changes})
 
 
 def direct_objective(model: BoRA, split, tau: float, block_size: int = 32) -> float:
@@ -103,9 +42,11 @@ def direct_objective(model: BoRA, split, tau: float, block_size: int = 32) -> fl
     total = 0.0
     with torch.no_grad():
         for i in range(len(split)):
-            x, y, t = prepare_data.make_batch(split, [i], block_size, "cpu")
-            total += prepare_data.token_nll(model(x, t)[0], y).sum().item() / (y != -1).sum().item()
-        return total + train.prior(model, tau).item()
+            x, y, t = make_batch(split, [i], block_size, "cpu")
+            logits = model(x, t)  # (1, T, V): the whole softmax, scored by hand
+            nll = torch.nn.functional.cross_entropy(logits[0], y[0], ignore_index=-1, reduction="sum")
+            total += nll.item() / (y != -1).sum().item()
+        return total + prior_by_hand(model, tau)
 
 
 @pytest.mark.parametrize("batch_size", [4, 7])  # 7 does not divide the 18 documents: a short last batch
@@ -113,34 +54,34 @@ def test_step_objective_averaged_over_an_epoch_is_the_full_objective(small, batc
     """Unbiasedness, exactly: every document is in one of the epoch's S batches, so the mean of the S step
     losses is L, whatever each batch's mix of tasks (with the small task often absent)."""
     data, hf = small
-    split = prepare_data.load_split(data, "train")
+    split = load_split(data, "train")
     model = perturbed_bora(hf).eval()  # no dropout: the same loss every time
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # measure, never move
     S = -(-len(split) // batch_size)
     full = direct_objective(model, split, tau=10.0)
     for seed in range(3):  # any order of the documents
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
-        steps = [train.train_step(model, model, opt, *prepare_data.make_batch(split, order[k:k + batch_size], 32, "cpu"),
-                                  S, cfg(tau=10.0), contextlib.nullcontext()) for k in range(0, len(split), batch_size)]
+        steps = [train.train_step(model, opt, passes(split, order[k:k + batch_size]), S, 10.0)
+                 for k in range(0, len(split), batch_size)]
         assert len(steps) == S
         assert sum(nll + prior for nll, prior in steps) / S == pytest.approx(full, rel=1e-6, abs=1e-6)
 
 
 def test_token_sum_likelihood_is_the_exact_log_probability(small):
     data, hf = small
-    split = prepare_data.load_split(data, "train")
+    split = load_split(data, "train")
     model = perturbed_bora(hf).eval()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    x, y, t = prepare_data.make_batch(split, list(range(len(split))), 32, "cpu")
-    nll, _ = train.train_step(model, model, opt, x, y, t, 1, cfg(tau=0.0, likelihood="token-sum"), contextlib.nullcontext())
+    x, y, t = make_batch(split, list(range(len(split))), 32, "cpu")
+    nll, _ = train.train_step(model, opt, passes(split, list(range(len(split)))), 1, 0.0, "token-sum")
     with torch.no_grad():
-        assert nll == pytest.approx(prepare_data.token_nll(model(x, t)[0], y).sum().item(), rel=1e-6)  # −log P(D | θ)
+        log_p = torch.log_softmax(model(x, t), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]  # (N, T)
+        assert nll == pytest.approx(-log_p[y != -1].sum().item(), rel=1e-6)  # −log P(D | θ)
 
 
 def test_prior_is_tau_half_squared_distance_and_vanishes_at_the_limits(small):
     model = perturbed_bora(small[1])
-    sq = sum(((m.A - m.A0) ** 2).sum() + ((m.B - m.B0) ** 2).sum() for m in model.adapted.values())
-    assert train.prior(model, 10.0).item() == pytest.approx(5.0 * sq.item(), rel=1e-6)
+    assert train.prior(model, 10.0).item() == pytest.approx(prior_by_hand(model, 10.0), rel=1e-6)
     assert train.prior(model, 0.0).item() == 0.0
     assert train.prior(perturbed_bora(small[1], shared=True), math.inf).item() == 0.0
 
@@ -153,7 +94,7 @@ def test_theta_map_is_the_mean_of_the_task_adapters(small):
     def theta_grads() -> list[torch.Tensor]:
         model.zero_grad()
         train.prior(model, 10.0).backward()
-        return [g for layer in layers for g in (layer.A0.grad, layer.B0.grad)]
+        return [g for layer in layers for g in (layer.A_mean.grad, layer.B_mean.grad)]
 
     assert max(g.abs().max() for g in theta_grads()) > 1e-3  # Θ away from the mean: pulled
     train.theta_as_task_mean(model)
@@ -165,12 +106,13 @@ def test_offset_steps_are_adam_on_theta_and_the_offsets(small):
     model = perturbed_bora(small[1])
     layers = list(model.adapted.values())
 
-    def objective(As, Bs, A0s, B0s) -> torch.Tensor:  # a stand-in likelihood, plus the prior with τ = 10
-        return sum((A.sin() * (d + 1)).sum() + (B ** 2).sum() + 5 * ((A - A0) ** 2).sum() + 5 * ((B - B0) ** 2).sum()
-                   for d, (A, B, A0, B0) in enumerate(zip(As, Bs, A0s, B0s)))
+    def objective(As, Bs, A_means, B_means) -> torch.Tensor:  # a stand-in likelihood, plus the prior with τ = 10
+        return sum((A.sin() * (d + 1)).sum() + (B ** 2).sum() + 5 * ((A - Am) ** 2).sum() + 5 * ((B - Bm) ** 2).sum()
+                   for d, (A, B, Am, Bm) in enumerate(zip(As, Bs, A_means, B_means)))
 
-    theta = [p.detach().clone().requires_grad_() for m in layers for p in (m.A0, m.B0)]  # Θ, then δ
-    delta = [(p - p0).detach().clone().requires_grad_() for m in layers for p, p0 in ((m.A, m.A0), (m.B, m.B0))]
+    theta = [p.detach().clone().requires_grad_() for m in layers for p in (m.A_mean, m.B_mean)]  # Θ, then δ
+    delta = [(p - p0).detach().clone().requires_grad_() for m in layers
+             for p, p0 in ((m.A, m.A_mean), (m.B, m.B_mean))]
     reference = torch.optim.AdamW(theta + delta, lr=0.01, weight_decay=0.0)
     ours = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.0)
     for _ in range(3):
@@ -179,25 +121,24 @@ def test_offset_steps_are_adam_on_theta_and_the_offsets(small):
                   theta[0::2], theta[1::2]).backward()
         reference.step()
         ours.zero_grad()
-        objective([m.A for m in layers], [m.B for m in layers], [m.A0 for m in layers], [m.B0 for m in layers]).backward()
+        objective([m.A for m in layers], [m.B for m in layers], [m.A_mean for m in layers],
+                  [m.B_mean for m in layers]).backward()
         train.step_offsets(model, ours)
     for i, m in enumerate(layers):
-        assert torch.allclose(m.A0, theta[2 * i], atol=1e-6) and torch.allclose(m.B0, theta[2 * i + 1], atol=1e-6)
+        assert torch.allclose(m.A_mean, theta[2 * i], atol=1e-6) and torch.allclose(m.B_mean, theta[2 * i + 1], atol=1e-6)
         assert torch.allclose(m.A, theta[2 * i] + delta[2 * i], atol=1e-6)
         assert torch.allclose(m.B, theta[2 * i + 1] + delta[2 * i + 1], atol=1e-6)
 
 
 def test_micro_batches_give_the_same_step(small):
     data, hf = small
-    split = prepare_data.load_split(data, "train")
-    x, y, t = prepare_data.make_batch(split, list(range(10)), 32, "cpu")  # all three tasks
+    split = load_split(data, "train")
     whole = perturbed_bora(hf)
     parts = copy.deepcopy(whole)
     results = []
     for model, micro in ((whole, 10), (parts, 3)):  # 3 does not divide 10: a short last micro-batch
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-        results.append(train.train_step(model, model, opt, x, y, t, 2, cfg(tau=10.0, micro_batch=micro),
-                                        contextlib.nullcontext()))
+        results.append(train.train_step(model, opt, passes(split, list(range(10)), micro), 2, 10.0))  # all 3 tasks
     assert results[0] == pytest.approx(results[1], rel=1e-5)  # likelihood and prior terms
     for (name, a), b in zip(whole.named_parameters(), parts.parameters()):
         if a.requires_grad:
@@ -207,21 +148,20 @@ def test_micro_batches_give_the_same_step(small):
 
 def test_tau_zero_one_task_leaves_the_others_untouched(small):
     data, hf = small
-    split = prepare_data.load_split(data, "train")
+    split = load_split(data, "train")
     model = perturbed_bora(hf)
     before = {k: v.clone() for k, v in model.adapter_state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     alpha_docs = [i for i in range(len(split)) if split.task_ids[i] == 0]
     for _ in range(3):
-        x, y, t = prepare_data.make_batch(split, alpha_docs, 32, "cpu")
-        train.train_step(model, model, opt, x, y, t, 4, cfg(tau=0.0), contextlib.nullcontext())
+        train.train_step(model, opt, passes(split, alpha_docs), 4, 0.0)
     after = model.adapter_state_dict()
     for key in before:
         if key.endswith((".A", ".B")):
             assert not torch.equal(after[key][0], before[key][0])  # task 0 learned
             assert torch.equal(after[key][1:], before[key][1:])  # tasks 1, 2: bit for bit the same
-        else:
-            assert torch.equal(after[key], before[key])  # Θ: no data uses it and τ = 0 cuts the prior
+        else:  # Θ: no data uses it and τ = 0 cuts the prior, so it is only kept at the tasks' mean
+            assert torch.allclose(after[key], after[key[:-len("_mean")]].mean(0), atol=1e-7)
 
 
 def test_tau_zero_stores_theta_as_the_mean_of_the_task_adapters(small, tmp_path):
@@ -229,15 +169,8 @@ def test_tau_zero_stores_theta_as_the_mean_of_the_task_adapters(small, tmp_path)
     out = train_run(data, hf, tmp_path / "run", "--tau", "0", "--max-epochs", "1")
     for name in ("ckpt.pt", "last.pt"):
         a = adapters(out / name)
-        for key in (k for k in a if k.endswith(".A0") or k.endswith(".B0")):
-            assert torch.allclose(a[key], a[key[:-1]].mean(0), atol=1e-7), (name, key)
-
-
-def test_both_limits_get_the_same_default_learning_rate(small, tmp_path):
-    data, hf = small
-    lrs = {tau: json.loads((train_run(data, hf, tmp_path / tau, "--tau", tau, "--max-epochs", "1") / "args.json")
-                           .read_text())["lr_used"] for tau in ("0", "inf", "100")}
-    assert lrs["0"] == lrs["inf"] == lrs["100"] == train.TrainConfig().lr
+        for key in (k for k in a if k.endswith((".A_mean", ".B_mean"))):
+            assert torch.allclose(a[key], a[key[:-len("_mean")]].mean(0), atol=1e-7), (name, key)
 
 
 def test_default_micro_batch_is_sized_for_the_device(small, tmp_path):
@@ -267,10 +200,10 @@ def test_checkpoint_contents_and_plain_types(small, tmp_path):
     assert ckpt["task_names"] == ["alpha", "beta", "gamma"] and ckpt["train_sizes"] == [4, 6, 8]
     assert ckpt["tau"] == 10.0 and ckpt["shared"] is False and ckpt["lora_config"]["rank"] == 4
     assert ckpt["gpt_config"]["n_embd"] == 32 and ckpt["args"]["block_size"] == 32 and ckpt["task_prompt"] is True
-    assert ckpt["data_id"] == prepare_data.load_meta(data)["fingerprint"]
+    assert ckpt["data_id"] == load_meta(data)["fingerprint"] and ckpt["resume"] is None
     assert all(".transformer.wte" not in k and "c_attn.base" not in k for k in ckpt["adapters"])  # adapters only
     last = torch.load(out / "last.pt", weights_only=True)
-    assert {"optimizer", "rng", "state"} <= last.keys() and last["state"]["epoch"] == 2
+    assert {"optimizer", "rng", "state"} == last["resume"].keys() and last["resume"]["state"]["epoch"] == 2
     records = read_log(out)
     assert records[-1]["kind"] == "done" and sum(r["kind"] == "val" for r in records) == 2
 
@@ -279,17 +212,17 @@ def test_resume_after_an_epoch_ends_with_the_same_adapters(small, tmp_path, monk
     data, hf = small
     common = ("--tau", "10", "--lr", "1e-2", "--max-epochs", "2", "--dropout", "0.1", "--batch-size", "8")
     straight = train_run(data, hf, tmp_path / "straight", *common)
-    real_write = train.atomic_write
+    real_write = bora.atomic_write
 
     def killed_after_epoch_1(path, write):
         real_write(path, write)
-        if path.name == "last.pt" and torch.load(path, weights_only=True)["state"]["epoch"] == 2:
+        if path.name == "last.pt" and torch.load(path, weights_only=True)["resume"]["state"]["epoch"] == 2:
             raise SystemExit("killed")  # the process dies right after epoch 1 is on disk
 
-    monkeypatch.setattr(train, "atomic_write", killed_after_epoch_1)
+    monkeypatch.setattr(bora, "atomic_write", killed_after_epoch_1)
     with pytest.raises(SystemExit):
         train_run(data, hf, tmp_path / "resumed", *common)
-    monkeypatch.setattr(train, "atomic_write", real_write)
+    monkeypatch.setattr(bora, "atomic_write", real_write)
     resumed = train_run(data, hf, tmp_path / "resumed", *common, "--resume")
     for name in ("last.pt", "ckpt.pt"):
         a, b = adapters(straight / name), adapters(resumed / name)
@@ -316,7 +249,7 @@ def test_ctrl_c_mid_epoch_saves_last_pt_and_resume_continues_exactly(small, tmp_
     with pytest.raises(SystemExit) as e:
         train_run(data, hf, tmp_path / "resumed", *common)
     assert str(e.value.code).startswith("interrupted at epoch 1, step 2/5") and "--resume" in str(e.value.code)
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["state"]["done_in_epoch"] == 2
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["resume"]["state"]["done_in_epoch"] == 2
     monkeypatch.setattr(train, "train_step", real_step)
     resumed = train_run(data, hf, tmp_path / "resumed", *common, "--resume")
     a, b = adapters(straight / "last.pt"), adapters(resumed / "last.pt")
@@ -338,14 +271,14 @@ def test_a_killed_run_saves_last_pt_and_says_so_in_one_line(small, tmp_path):
     finally:
         run.kill()
     assert run.returncode == 1 and err.startswith("interrupted at epoch ") and err.count("\n") == 1, err
-    assert torch.load(out / "last.pt", weights_only=True)["state"]["step"] >= 3
+    assert torch.load(out / "last.pt", weights_only=True)["resume"]["state"]["step"] >= 3
 
 
 def test_snapshots_inside_an_epoch(small, tmp_path, monkeypatch):
     data, hf = small
     saved = []
-    real_write = train.atomic_write
-    monkeypatch.setattr(train, "atomic_write", lambda path, write: (saved.append(path.name), real_write(path, write)))
+    real_write = bora.atomic_write
+    monkeypatch.setattr(bora, "atomic_write", lambda path, write: (saved.append(path.name), real_write(path, write)))
     train_run(data, hf, tmp_path / "run", "--tau", "10", "--max-epochs", "1", "--batch-size", "4", "--save-every", "1e-9")
     assert saved.count("last.pt") == 5 + 1  # after each of the 5 steps, and at the end of the epoch
 
