@@ -115,6 +115,13 @@ def make_batch(split: Split, doc_ids: list[int], block_size: int, device: str
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), t.to(device)
 
 
+def scored_tokens(split: Split, block_size: int) -> np.ndarray:
+    """(n_docs,) the number of targets make_batch scores in each document: its tokens after the prompt,
+    within the first block_size + 1."""
+    length = np.minimum(np.diff(split.offsets), block_size + 1) - 1  # the targets doc[1:], cut to block_size
+    return length - np.minimum(np.maximum(split.prompt_lens - 1, 0), length)
+
+
 def forward_passes(split: Split, doc_ids: list[int], block_size: int, docs_per_pass: int, device: str
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Documents cut into forward passes of at most docs_per_pass, each padded only to its own longest row.

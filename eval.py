@@ -21,90 +21,171 @@ import torch
 
 from bora import BoRA, load_checkpoint
 from cli import ArgumentParser, one_line_errors, pick_device, to_json
-from data import Split, forward_passes, load_meta, load_split
+from data import Split, load_meta, load_split, make_batch
 
 
 @torch.no_grad()
-def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, device: str, autocast=nullcontext(),
-             label: str = "eval") -> dict:
-    """Mean log-likelihood per token and perplexity of a split: per task, token-weighted (every token
-    counts once: big tasks dominate) and averaged over tasks (every task counts once: the papers' tables).
-    train.py validates with this same function."""
+def score_documents(model: BoRA, split: Split, block_size: int, docs_per_pass: int, device: str,
+                    autocast=nullcontext(), label: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+    """Each document's NLL, summed over its scored tokens (n_docs,), and its number of scored tokens (n_docs,)."""
     was_training, started, shown = model.training, time.time(), time.time()
     model.eval()  # no adapter dropout while measuring
-    D = len(model.task_names)
-    nll, tokens, done = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.int64), 0
-    for x, y, t in forward_passes(split, list(range(len(split))), block_size, docs_per_pass, device):
+    nll, tokens = np.zeros(len(split)), np.zeros(len(split), dtype=np.int64)
+    for first in range(0, len(split), docs_per_pass):
+        docs = list(range(first, min(first + docs_per_pass, len(split))))
+        x, y, t = make_batch(split, docs, block_size, device)
         with autocast:
-            doc_nll = model(x, t, y).sum(1)  # (n,) each document's NLL, summed over its scored tokens
-        nll.index_add_(0, t.cpu(), doc_nll.double().cpu())  # each row into its task's slot
-        tokens.index_add_(0, t.cpu(), (y != -1).sum(1).cpu())
-        done += len(t)
-        if time.time() - shown > 10 or (done == len(split) and time.time() - started > 10):
-            rate, shown = done / (time.time() - started), time.time()
-            print(f"{label}: {done}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - done) / rate:.0f} s left",
-                  file=sys.stderr, flush=True)
+            nll[docs] = model(x, t, y).sum(1).double().cpu().numpy()  # each document's NLL (in float32)
+        tokens[docs] = (y != -1).sum(1).cpu().numpy()
+        if time.time() - shown > 10 or (docs[-1] + 1 == len(split) and time.time() - started > 10):
+            rate, shown = (docs[-1] + 1) / (time.time() - started), time.time()
+            print(f"{label}: {docs[-1] + 1}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - docs[-1] - 1) / rate:.0f}"
+                  " s left", file=sys.stderr, flush=True)
     model.train(was_training)
-    ll = (-nll / tokens.clamp(min=1)).tolist()
-    token_ll, task_ll = -nll.sum().item() / max(tokens.sum().item(), 1), sum(ll) / len(ll)
-    return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": tokens.tolist(),
+    return nll, tokens
+
+
+def summarise(nll: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tasks: int) -> dict:
+    """Mean log-likelihood per token and perplexity: per task, token-weighted (every token counts once: big
+    tasks dominate) and averaged over tasks (every task counts once: the papers' tables)."""
+    task_nll, task_tokens = np.bincount(task_ids, nll, num_tasks), np.bincount(task_ids, tokens, num_tasks)
+    ll = (-task_nll / np.maximum(task_tokens, 1)).tolist()
+    token_ll, task_ll = float(-task_nll.sum() / max(task_tokens.sum(), 1)), sum(ll) / len(ll)
+    return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": task_tokens.astype(int).tolist(),
             "ll_token_weighted": token_ll, "ppl_token_weighted": math.exp(-token_ll),
             "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
 
 
+def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, device: str, autocast=nullcontext(),
+             label: str = "eval") -> dict:
+    """summarise(score_documents(...)): the numbers eval.py reports; train.py validates with this same function."""
+    nll, tokens = score_documents(model, split, block_size, docs_per_pass, device, autocast, label)
+    return summarise(nll, tokens, split.task_ids, len(model.task_names))
+
+
+# ---- How sure: a bootstrap over documents ----
+
+def resampled_documents(task_ids: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:
+    """(samples, n_docs) document indices: each row redraws every task's documents with replacement, as
+    many as the task has (a stratified bootstrap: the test set's design, resampled). The draw depends only
+    on the split and the seed, so every checkpoint scored on the same split gets the same rows: paired."""
+    by_task = np.argsort(task_ids, kind="stable")  # positions grouped by task
+    counts = np.bincount(task_ids)
+    first, size = np.repeat(np.cumsum(counts) - counts, counts), np.repeat(counts, counts)  # (n,) of each position's task
+    u = np.random.default_rng(seed).random((samples, len(task_ids)))
+    return by_task[first + (u * size).astype(np.int64)]  # position j keeps its task in every row
+
+
+def bootstrap_ll(nll: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, rows: np.ndarray, num_tasks: int
+                 ) -> dict[str, np.ndarray]:
+    """The log-likelihoods of summarise() in every resampled row: per task (samples, D), overall (samples,)."""
+    onehot = np.eye(num_tasks)[task_ids[rows[0]]]  # (n, D): the task of each position, the same in every row
+    task_nll, task_tokens = nll[rows] @ onehot, tokens[rows] @ onehot  # (samples, D)
+    ll = -task_nll / task_tokens
+    return {"ll": ll, "ll_task_avg": ll.mean(1), "ll_token_weighted": -task_nll.sum(1) / task_tokens.sum(1)}
+
+
+def interval(values: np.ndarray) -> list:
+    """The central 95 % of the bootstrap values (along the first axis)."""
+    return np.percentile(values, [2.5, 97.5], axis=0).T.tolist()
+
+
+def report(nll: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tasks: int, samples: int = 1000,
+           seed: int = 0) -> dict:
+    """summarise() with 95 % intervals for every perplexity; "bootstrap" keeps the resampled log-likelihoods."""
+    m = summarise(nll, tokens, task_ids, num_tasks)
+    if not samples:
+        return {**m, "ppl_interval": [None] * num_tasks, "bootstrap": None}
+    boot = bootstrap_ll(nll, tokens, task_ids, resampled_documents(task_ids, samples, seed), num_tasks)
+    return {**m, "ppl_interval": interval(np.exp(-boot["ll"])), "bootstrap": boot,
+            **{k + "_interval": interval(np.exp(-boot[k.replace("ppl", "ll")])) for k in ("ppl_task_avg", "ppl_token_weighted")}}
+
+
 def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None, batch_size: int = 16,
-                        device: str = "cpu") -> dict:
-    """Every number eval.py reports for one checkpoint on one split, as a JSON-ready dict."""
+                        device: str = "cpu", samples: int = 1000, seed: int = 0) -> dict:
+    """Every number eval.py reports for one checkpoint on one split, as a JSON-ready dict; "bootstrap" holds
+    the resampled log-likelihoods (for paired comparisons) and is not part of the JSON."""
     model, ckpt = load_checkpoint(path, device)
     data = data or ckpt.data_path
     if load_meta(data)["fingerprint"] != ckpt.data_id:
         raise ValueError(f"{data} is not the dataset {path} was trained on (its documents or splits differ: prepared "
                          f"from another source, --seed or --split?); pass the right folder with --data")
-    s = load_split(data, split)
-    m = evaluate(model, s, ckpt.args["block_size"], batch_size, device,
-                 label=f"{path} {split}")  # float32 on every device: these are the numbers we report
-    columns = dict(task=model.task_names, train_docs=ckpt.train_sizes, docs=np.bincount(s.task_ids,
-                   minlength=len(model.task_names)).tolist(), tokens=m["tokens"], ll=m["ll"], ppl=m["ppl"],
+    s, D = load_split(data, split), len(model.task_names)
+    nll, tokens = score_documents(model, s, ckpt.args["block_size"], batch_size, device,
+                                  label=f"{path} {split}")  # float32 on every device: these are the numbers we report
+    m = report(nll, tokens, s.task_ids, D, samples, seed)
+    columns = dict(task=model.task_names, train_docs=ckpt.train_sizes, docs=np.bincount(s.task_ids, minlength=D).tolist(),
+                   tokens=m["tokens"], ll=m["ll"], ppl=m["ppl"], ppl_interval=m["ppl_interval"],
                    distance=model.distances().tolist())  # ‖θ_d − Θ‖ over all adapted layers (0 when τ = ∞)
-    overall = {k: m[k] for k in ("ll_token_weighted", "ppl_token_weighted", "ll_task_avg", "ppl_task_avg")}
+    overall = {k: m[k] for k in ("ll_token_weighted", "ppl_token_weighted", "ll_task_avg", "ppl_task_avg",
+                                 "ppl_token_weighted_interval", "ppl_task_avg_interval") if k in m}
     return {"checkpoint": str(path), "tau": ckpt.tau, "epoch": ckpt.epoch, "split": split, "data": str(data),
-            "tasks": [dict(zip(columns, row)) for row in zip(*columns.values())],
-            "overall": {**overall, "docs": len(s), "tokens": sum(m["tokens"])}}
+            "data_id": ckpt.data_id, "tasks": [dict(zip(columns, row)) for row in zip(*columns.values())],
+            "overall": {**overall, "docs": len(s), "tokens": sum(m["tokens"])}, "bootstrap": m["bootstrap"]}
 
 
 def improvements(results: list[dict]) -> list[dict]:
-    """The first checkpoint's relative improvement over each other, (ppl_other − ppl_first) / ppl_other."""
-    gain = lambda first, other: (other - first) / other  # noqa: E731
+    """The first checkpoint's relative improvement over each other, (ppl_other − ppl_first) / ppl_other, with
+    its 95 % interval from the same resampled documents for both (paired: the documents' own difficulty,
+    shared by both models, cancels) and whether the interval excludes 0."""
+    gain = lambda first, other: (other - first) / other  # noqa: E731  also on arrays of bootstrap values
     first = results[0]
-    return [{"checkpoint": r["checkpoint"], "tau": r["tau"],
+    out = []
+    for r in results[1:]:
+        g = {"checkpoint": r["checkpoint"], "tau": r["tau"],
              "tasks": {a["task"]: gain(a["ppl"], b["ppl"]) for a, b in zip(first["tasks"], r["tasks"])},
              **{k: gain(first["overall"][k], r["overall"][k]) for k in ("ppl_task_avg", "ppl_token_weighted")}}
-            for r in results[1:]]
+        if first["bootstrap"] is not None and r["bootstrap"] is not None and r["data_id"] == first["data_id"]:
+            a, b = first["bootstrap"], r["bootstrap"]
+            per_task = interval(gain(np.exp(-a["ll"]), np.exp(-b["ll"])))
+            g["tasks_interval"] = {t["task"]: i for t, i in zip(first["tasks"], per_task)}
+            for k in ("ppl_task_avg", "ppl_token_weighted"):
+                g[k + "_interval"] = interval(gain(np.exp(-a[k.replace("ppl", "ll")]), np.exp(-b[k.replace("ppl", "ll")])))
+        out.append(g)
+    return out
+
+
+def span(iv: list | None, fmt: str = ".2f") -> str:
+    return f"[{iv[0]:{fmt}}, {iv[1]:{fmt}}]" if iv else ""
 
 
 def print_one(r: dict) -> None:
     print(f"{r['checkpoint']} (tau={r['tau']:g}, epoch {r['epoch']}): {r['split']} split of {r['data']}")
-    print(f"{'task':<20} {'train docs':>10} {'docs':>6} {'tokens':>8} {'ll/token':>9} {'ppl':>9} {'‖θ_d−Θ‖':>9}")
+    print(f"{'task':<20} {'train docs':>10} {'docs':>6} {'tokens':>8} {'ll/token':>9} {'ppl':>9} {'95% interval':>20} "
+          f"{'‖θ_d−Θ‖':>9}")
     for t in r["tasks"]:
         print(f"{t['task']:<20} {t['train_docs']:>10} {t['docs']:>6} {t['tokens']:>8} {t['ll']:>9.4f} {t['ppl']:>9.3f} "
-              f"{t['distance']:>9.4f}")
+              f"{span(t['ppl_interval']):>20} {t['distance']:>9.4f}")
     o = r["overall"]
     print(f"{'all tokens':<20} {'':>10} {o['docs']:>6} {o['tokens']:>8} {o['ll_token_weighted']:>9.4f} "
-          f"{o['ppl_token_weighted']:>9.3f}   token-weighted: exp(Σ NLL / Σ tokens)")
-    print(f"{'task average':<37} {'':>8} {o['ll_task_avg']:>9.4f} {o['ppl_task_avg']:>9.3f}   task-averaged, as in the papers")
+          f"{o['ppl_token_weighted']:>9.3f} {span(o.get('ppl_token_weighted_interval')):>20}   token-weighted: "
+          "exp(Σ NLL / Σ tokens)")
+    print(f"{'task average':<37} {'':>8} {o['ll_task_avg']:>9.4f} {o['ppl_task_avg']:>9.3f} "
+          f"{span(o.get('ppl_task_avg_interval')):>20}   task-averaged, as in the papers")
+    if o.get("ppl_task_avg_interval"):
+        print("95% intervals: bootstrap over the documents of each task (few documents: read them as rough)")
+
+
+def versus(g: float, iv: list | None) -> str:
+    """+3.2% [+1.0, +5.4]*: the gain, its interval, and * when the interval excludes 0."""
+    return f"{g:+.1%} {span(iv, '+.1%')}" + ("*" if iv and (iv[0] > 0 or iv[1] < 0) else " " if iv else "")
 
 
 def print_table(results: list[dict], gains: list[dict]) -> None:
-    names = [f"tau={r['tau']:g}" for r in results]
+    names, w = [f"tau={r['tau']:g}" for r in results], 27 if "ppl_task_avg_interval" in gains[0] else 10
     for i, r in enumerate(results):
         print(f"[{i + 1}] {names[i]:<12} {r['checkpoint']} (epoch {r['epoch']})")
-    print(f"{results[0]['split']} perplexity (lower is better); 'vs' = relative improvement of [1] over the other")
-    print(f"{'task':<20} {'train docs':>10}" + "".join(f"{n:>12}" for n in names) + "".join(f"{'vs ' + n:>14}" for n in names[1:]))
+    print(f"{results[0]['split']} perplexity (lower is better); 'vs' = relative improvement of [1] over the other"
+          + ("\nwith its 95% interval (paired bootstrap over documents); * = the interval excludes 0" if w > 10 else ""))
+    print(f"{'task':<20} {'train docs':>10}" + "".join(f"{n:>12}" for n in names) +
+          "".join(f"{'vs ' + n:>{w + 2}}" for n in names[1:]))
     for j, t in enumerate(results[0]["tasks"]):
         print(f"{t['task']:<20} {t['train_docs']:>10}" + "".join(f"{r['tasks'][j]['ppl']:>12.3f}" for r in results)
-              + "".join(f"{g['tasks'][t['task']]:>+14.1%}" for g in gains))
+              + "".join(f"{versus(g['tasks'][t['task']], g.get('tasks_interval', {}).get(t['task'])):>{w + 2}}"
+                        for g in gains))
     for key, text in (("ppl_task_avg", "task-averaged"), ("ppl_token_weighted", "token-weighted")):
-        print(f"{text:<31}" + "".join(f"{r['overall'][key]:>12.3f}" for r in results) + "".join(f"{g[key]:>+14.1%}" for g in gains))
+        print(f"{text:<31}" + "".join(f"{r['overall'][key]:>12.3f}" for r in results)
+              + "".join(f"{versus(g[key], g.get(key + '_interval')):>{w + 2}}" for g in gains))
     print(f"\n{'‖θ_d − Θ‖':<20} {'train docs':>10}" + "".join(f"{n:>12}" for n in names))
     for j, t in enumerate(results[0]["tasks"]):
         print(f"{t['task']:<20} {t['train_docs']:>10}" + "".join(f"{r['tasks'][j]['distance']:>12.4f}" for r in results))
@@ -147,19 +228,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw perplexity against tau (needs matplotlib)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of the documents for the 95%% intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     args = p.parse_args(argv)
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        p.error(f"--bootstrap {args.bootstrap}: give 0 (no intervals) or at least 2 resamples (1000 is plenty)")
     with one_line_errors():
         if args.plot:
             pyplot()  # fail before the slow part if matplotlib is missing
         device = pick_device(args.device)
-        results = [evaluate_checkpoint(c, args.split, args.data, args.batch_size, device) for c in args.ckpts]
+        results = [evaluate_checkpoint(c, args.split, args.data, args.batch_size, device, args.bootstrap, args.seed)
+                   for c in args.ckpts]
         if any([t["task"] for t in r["tasks"]] != [t["task"] for t in results[0]["tasks"]] for r in results):
             raise ValueError("the checkpoints were trained on different tasks; compare runs on the same data")
         if args.plot:
             plot(results, args.plot)
     gains = improvements(results)
     if args.json:
-        print(to_json({"checkpoints": results, "relative_improvement_of_first": gains}, indent=2))
+        checkpoints = [{k: v for k, v in r.items() if k != "bootstrap"} for r in results]
+        print(to_json({"checkpoints": checkpoints, "relative_improvement_of_first": gains}, indent=2))
     else:
         print_one(results[0]) if len(results) == 1 else print_table(results, gains)
     if args.plot:

@@ -59,6 +59,8 @@ class LoRALinear(nn.Module):
         self.A = nn.Parameter(self.A_mean.detach().expand(num_tasks, -1, -1).clone())  # (D, r, in)
         self.B = nn.Parameter(torch.zeros(num_tasks, out_features, rank, **like))  # (D, out, r)
         self.task_ids: torch.Tensor | None = None  # set only during a forward by the enclosing model
+        self.keep_rows = False  # keep each row's gathered adapter and, after backward, its gradient
+        self.rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (task ids, A_t, B_t)
 
     def adapters(self, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's own adapter, A_t (N, r, in) and B_t (N, out, r), in one gather; task id -1 picks Θ."""
@@ -76,6 +78,9 @@ class LoRALinear(nn.Module):
         elif (task_ids := self.task_ids) is None:
             raise ValueError("LoRALinear got no task ids: call layer(x, task_ids), or run the model via BoRA.forward")
         A_t, B_t = self.adapters(task_ids)  # (N, r, in), (N, out, r)
+        if self.keep_rows and A_t.requires_grad:  # one copy per row, i.e. per document: their gradients
+            A_t.retain_grad(), B_t.retain_grad()  # are per-document gradients, at no extra cost
+            self.rows = (task_ids, A_t, B_t)
         x_a = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])  # (N, T, in); T = all middle dims
         down = torch.bmm(x_a, A_t.transpose(1, 2))  # (N,T,in)·(N,r,in)ᵀ → (N,T,r)
         y = self.base(x).reshape(*down.shape[:2], -1)  # (N, T, out): the frozen W x + b

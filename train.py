@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +28,7 @@ import torch
 
 from bora import BoRA, Checkpoint, LoRAConfig
 from cli import ArgumentParser, jsonable, one_line_errors, pick_device
-from data import forward_passes, load_meta, load_split
+from data import forward_passes, load_meta, load_split, scored_tokens
 from eval import evaluate
 from gpt2 import GPT
 
@@ -36,6 +36,13 @@ try:
     import fcntl  # the run lock; Windows has none, and runs there go unlocked
 except ImportError:
     fcntl = None
+
+
+import os
+TAU_START, TAU_DAMP, TAU_CLIP = float(os.environ.get("BORA_TAU0", 1.0)), float(os.environ.get("BORA_DAMP", 0.5)), math.log(float(os.environ.get("BORA_CLIP", 10)))
+TAU_MIN, TAU_MAX = 1e-3, 1e5
+PATH_PATIENCE = int(os.environ.get("BORA_PATH_PATIENCE", 1))
+EB_WEIGHT = os.environ.get("BORA_EB_WEIGHT", "0") == "1"
 
 
 def arg(default, help: str):
@@ -47,7 +54,9 @@ class TrainConfig:  # every field is a flag: --block-size for block_size
     data: str = arg("data/emotion", "dataset folder written by prepare_data.py")
     out: str = arg("out/emotion", "run folder for ckpt.pt, last.pt, log.jsonl, args.json")
     init: str = arg("gpt2", "base model: gpt2 … gpt2-xl, or a Hugging Face folder / .safetensors file")
-    tau: float = arg(100.0, "prior precision τ >= 0: 0 = independent adapters, inf = one shared adapter")
+    tau: str = arg("100", "prior precision τ >= 0 (0 = independent adapters, inf = one shared adapter); auto: "
+                   "estimated from the training data during the run; a list like 0,1,10,100,1000,inf: the τ path, "
+                   "every τ trained, the best on validation kept (README: 'Choosing τ')")
     lr: float = arg(3e-3, "AdamW learning rate > 0, the same for every τ (README: 'The learning rate')")
     likelihood: str = arg("doc-mean", "doc-mean (each document's mean token NLL, the papers' scale) or token-sum")
     rank: int = arg(16, "LoRA rank r >= 1")
@@ -76,13 +85,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         kind = {"action": "store_true"} if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kind)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
-    valid = dict(tau=cfg.tau >= 0, lr=cfg.lr > 0, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
+    taus = cfg.tau.split(",")
+    valid = dict(tau=cfg.tau == "auto" or all(is_number(t) and float(t) >= 0 for t in taus) and
+                 len({float(t) for t in taus}) == len(taus), lr=cfg.lr > 0, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
                  block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, micro_batch=cfg.micro_batch >= 0,
                  max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1, save_every=cfg.save_every > 0,
                  dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
     for name in (name for name, ok in valid.items() if not ok):
         p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not valid: {TrainConfig.__dataclass_fields__[name].metadata['help']}")
     return cfg
+
+
+def is_number(text: str) -> bool:
+    try:
+        return not math.isnan(float(text))
+    except ValueError:
+        return False
 
 
 # ---- The objective ----
@@ -95,14 +113,16 @@ def prior(model: BoRA, tau: float) -> torch.Tensor:
 
 
 def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch: int, tau: float,
-               likelihood: str = "doc-mean", autocast=nullcontext()) -> tuple[float, float]:
+               likelihood: str = "doc-mean", autocast=nullcontext(), curvature: dict | None = None
+               ) -> tuple[float, float]:
     """One AdamW step on an unbiased estimate of L(θ, Θ); returns its likelihood and prior terms.
 
     `passes` are the forward passes (x, y, t) of one batch of documents. Each document lies in exactly one
     of the epoch's S batches, so weighting every document of a batch by S makes the mean of the epoch's S
     step losses exactly L, whatever tasks a batch happens to hold. (Weighting each task present by its size
     N_d instead under-weights small tasks, which a batch often misses: they would feel a stronger prior.)
-    Any grouping of the batch into passes gives the same step: every term is one document's."""
+    Any grouping of the batch into passes gives the same step: every term is one document's.
+    With `curvature`, each document's gradient also goes into its task's empirical Fisher (for --tau auto)."""
     opt.zero_grad(set_to_none=True)
     prior_term, nll_term = prior(model, tau), 0.0
     if prior_term.requires_grad:
@@ -110,11 +130,14 @@ def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch:
     for x, y, t in passes:
         with autocast:
             nll = model(x, t, y).sum(1)  # (n,) each document's NLL, summed over its scored tokens
+        scored = (y != -1).sum(1).clamp(min=1)  # (n,)
         if likelihood == "doc-mean":
-            nll = nll / (y != -1).sum(1).clamp(min=1)  # nll_i, the document's mean token NLL
+            nll = nll / scored  # nll_i, the document's mean token NLL
         loss = steps_per_epoch * nll.sum()  # S · Σ_{i in batch} nll_i
         loss.backward()
         nll_term += loss.item()
+        if curvature is not None:  # per-document gradients of −log P(doc), the exact likelihood's scale
+            add_fisher(model, curvature, (scored if likelihood == "doc-mean" else 1) / steps_per_epoch)
     if not math.isfinite(nll_term + prior_term.item()):
         raise FloatingPointError(f"loss is {nll_term + prior_term.item()}")  # before the step: weights stay sane
     if 0 < tau < math.inf:
@@ -152,21 +175,55 @@ def theta_as_task_mean(model: BoRA) -> None:
         m.B_mean.copy_(m.B.mean(0))
 
 
+# ---- τ from the data: empirical Bayes ----
+
+def add_fisher(model: BoRA, curvature: dict, row_scale: torch.Tensor) -> None:
+    """h_d += g_i² for every document i of task d in the last forward pass: the diagonal empirical Fisher.
+
+    LoRALinear gathered one adapter copy per row, and a row is one document, so the gradient of that copy
+    is exactly document i's gradient (times the step's weight, which row_scale undoes)."""
+    for path, m in model.adapted.items():
+        ids, A_rows, B_rows = m.rows  # (n,), (n, r, in), (n, out, r)
+        for h, rows in zip(curvature[path], (A_rows, B_rows)):
+            h.index_add_(0, ids, (rows.grad * row_scale.view(-1, 1, 1)).square())  # into each row's task
+
+
+@torch.no_grad()
+def evidence_tau(model: BoRA, curvature: dict, tau: float, tokens_per_doc: float) -> float:
+    """The τ that maximises the evidence p(D | τ) (MacKay's fixed point), given the curvature of the likelihood:
+
+        τ ← γ / Σ_d ‖θ_d − Θ‖²,    γ = Σ_j (Σ_d u_dj − Σ_d u_dj² / Σ_d u_dj),    u_dj = h_dj / (h_dj + τ)
+
+    u_dj is how far task d's data, rather than the prior, decide parameter j; γ counts the well-determined
+    task-specific parameters, less the degrees of freedom that Θ takes (Θ integrated out: D − 1 of D
+    when all u are equal). h is the exact log-likelihood's curvature, where the evidence is defined; the
+    doc-mean objective weights each document's −log P by 1/n_i, so its τ is the token-scale τ / n̄."""
+    tau_tokens, gamma, spread = tau * tokens_per_doc, 0.0, 0.0
+    for path, m in model.adapted.items():
+        for theta, mean, h in zip((m.A, m.B), (m.A_mean, m.B_mean), curvature[path]):
+            u = (h / (h + tau_tokens)).double()  # (D, ...)
+            weight = u if EB_WEIGHT else 1.0
+            gamma += (weight * (u - u.square() / u.sum(0).clamp(min=1e-300))).sum().item()
+            spread += (weight * (theta - mean).double().square()).sum().item()
+    return gamma / max(spread, 1e-300) / tokens_per_doc
+
+
 # ---- What a run writes ----
 
-def checkpoint(cfg: TrainConfig, model: BoRA, meta: dict, epoch: int, val: dict, resume: dict | None = None
-               ) -> Checkpoint:
+def checkpoint(cfg: TrainConfig, model: BoRA, meta: dict, epoch: int, val: dict, tau: float,
+               resume: dict | None = None) -> Checkpoint:
     base = str(Path(cfg.init).resolve()) if Path(cfg.init).exists() else cfg.init
-    return model.checkpoint(base, tau=cfg.tau, args=asdict(cfg), epoch=epoch, val=val, resume=resume,
+    return model.checkpoint(base, tau=tau, args=asdict(cfg), epoch=epoch, val=val, resume=resume,
                             train_sizes=[meta["counts"]["train"][task]["docs"] for task in meta["tasks"]],
                             data_path=str(Path(cfg.data).resolve()), data_id=meta["fingerprint"],
                             task_prompt=meta["task_prompt"])
 
 
-def save_last(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer, state: dict) -> None:
+def save_last(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer, state: dict,
+              curvature: dict | None) -> None:
     """last.pt: ckpt.pt's contents, plus what --resume needs to go on exactly (optimiser, RNG, loop state)."""
-    resume_state = dict(state=state, optimizer=opt.state_dict(), rng=torch.get_rng_state())
-    checkpoint(cfg, model, meta, state["epoch"] - 1, {}, resume_state).save(Path(cfg.out) / "last.pt")
+    resume_state = dict(state=state, optimizer=opt.state_dict(), rng=torch.get_rng_state(), curvature=curvature)
+    checkpoint(cfg, model, meta, state["epoch"] - 1, {}, state["tau"], resume_state).save(Path(cfg.out) / "last.pt")
 
 
 def log(out: Path, text: str, /, **record) -> None:
@@ -176,13 +233,13 @@ def log(out: Path, text: str, /, **record) -> None:
         f.write(json.dumps(jsonable(record)) + "\n")
 
 
-def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer) -> dict:
+def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer) -> tuple[dict, dict | None]:
     """Adapters, optimiser, RNG and loop state from last.pt, after checking that it is this run's."""
     try:
         last = Checkpoint.load(Path(cfg.out) / "last.pt")
     except ValueError as e:  # a truncated or foreign file
         raise ValueError(f"--resume: {e}; or start a new --out") from None
-    then, now = {**last.args, **vars(last)}, {**asdict(cfg), **vars(checkpoint(cfg, model, meta, 0, {}))}
+    then, now = {**vars(last), **last.args}, {**vars(checkpoint(cfg, model, meta, 0, {}, 0.0)), **asdict(cfg)}
     for key in ("data_id", "base_model", "gpt_config", "lora_config", "tau", "lr", "likelihood", "batch_size",
                 "block_size", "seed"):
         if then[key] != now[key]:
@@ -191,12 +248,12 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
     model.load_adapter_state_dict(last.adapters)
     opt.load_state_dict(last.resume["optimizer"])
     torch.set_rng_state(last.resume["rng"])  # adapter dropout continues where it was
-    return last.resume["state"]
+    return last.resume["state"], last.resume["curvature"]
 
 
 # ---- The run ----
 
-def train(cfg: TrainConfig) -> None:
+def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
     # the device, the data, the model, the optimiser
     device, out = pick_device(cfg.device), Path(cfg.out)
     cfg.micro_batch = cfg.micro_batch or (32 if device.startswith("cuda") else 8)  # README: Memory
@@ -207,8 +264,11 @@ def train(cfg: TrainConfig) -> None:
     if cfg.block_size > gpt.config.block_size:
         raise ValueError(f"--block-size {cfg.block_size} exceeds {cfg.init}'s {gpt.config.block_size} positions")
     torch.manual_seed(cfg.seed)  # Θ's initialisation (A_mean), then dropout
-    model = BoRA(gpt, meta["tasks"], LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets), math.isinf(cfg.tau))
-    model.to(device).train()
+    auto = cfg.tau == "auto"
+    lora = LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets)
+    model = BoRA(gpt, meta["tasks"], lora, shared=not auto and math.isinf(float(cfg.tau))).to(device).train()
+    if warm_start is not None and not cfg.resume:
+        start_from(model, warm_start)
     if cfg.compile:
         model.compile()  # in place: checkpoints still save the module's own parameters
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -216,17 +276,25 @@ def train(cfg: TrainConfig) -> None:
     # the loop's state: fresh, or where last.pt left it
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the document order, one permutation per epoch
     if cfg.resume:
-        state = resume(cfg, model, meta, opt)
+        state, curvature = resume(cfg, model, meta, opt)
     else:
         state = dict(epoch=0, step=0, done_in_epoch=0, epoch_rng=shuffle.get_state(), best_ll=-math.inf,
-                     best_epoch=0, bad_epochs=0)
+                     best_epoch=0, bad_epochs=0, tau=TAU_START if auto else float(cfg.tau))
+        curvature = {path: (torch.zeros_like(m.A), torch.zeros_like(m.B)) for path, m in model.adapted.items()
+                     } if auto else None  # each task's empirical Fisher over the current epoch
         for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite else ():
             (out / old).unlink(missing_ok=True)  # only now, once data and model are known to load
+        if warm_start is not None:  # epoch 0 is the start itself, validated already
+            state.update(epoch=1, best_ll=warm_start.val["ll_task_avg"])
+            checkpoint(cfg, model, meta, 0, warm_start.val, state["tau"]).save(out / "ckpt.pt")
     (out / "args.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n")
+    for m in model.adapted.values():
+        m.keep_rows = auto  # per-document gradients for the curvature
+    tokens_per_doc = float(scored_tokens(train_split, cfg.block_size).mean()) if cfg.likelihood == "doc-mean" else 1.0
     S = math.ceil(len(train_split) / cfg.batch_size)  # steps per epoch
-    log(out, f"{len(meta['tasks'])} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau:g} "
+    log(out, f"{len(meta['tasks'])} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau} "
         f"lr={cfg.lr:g} | " + "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device,
-        kind="start", **asdict(cfg))
+        kind="start", start=warm_start and str(Path(warm_start.args["out"]) / "ckpt.pt"), **asdict(cfg))
 
     try:
         t0, steps0, shown, saved_at = time.time(), state["step"], time.time(), time.time()
@@ -237,7 +305,7 @@ def train(cfg: TrainConfig) -> None:
             batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]  # S, tasks mixed
             for i in range(state["done_in_epoch"], len(batches)):
                 passes = forward_passes(train_split, batches[i], cfg.block_size, cfg.micro_batch, device)
-                nll, prior_term = train_step(model, opt, passes, S, cfg.tau, cfg.likelihood, autocast)
+                nll, prior_term = train_step(model, opt, passes, S, state["tau"], cfg.likelihood, autocast, curvature)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
                 if state["step"] - steps0 == 3:  # enough steps to say how long this will take
@@ -251,32 +319,97 @@ def train(cfg: TrainConfig) -> None:
                         prior_term=prior_term)
                     shown = time.time()  # a train line every 30 s at most
                 if time.time() - saved_at > 60 * cfg.save_every:
-                    save_last(cfg, model, meta, opt, state)
+                    save_last(cfg, model, meta, opt, state, curvature)
                     saved_at = time.time()
 
             # validation: every task's perplexity; ckpt.pt keeps the best epoch, patience counts the others
             m = evaluate(model, val_split, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val")
             if improved := m["ll_task_avg"] > state["best_ll"]:
-                checkpoint(cfg, model, meta, epoch, m).save(out / "ckpt.pt")
+                checkpoint(cfg, model, meta, epoch, m, state["tau"]).save(out / "ckpt.pt")
                 state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)
             state.update(bad_epochs=0 if improved else state["bad_epochs"] + 1)
             per_task = "  ".join(f"{name} {p:.2f}" for name, p in zip(meta["tasks"], m["ppl"]))
             log(out, f"epoch {epoch} val: ppl {m['ppl_task_avg']:.3f} task-averaged, {m['ppl_token_weighted']:.3f} "
                 f"token-weighted | {per_task} | " + ("saved ckpt.pt" if improved else
                                                    f"no better for {state['bad_epochs']} epoch(s)"),
-                kind="val", epoch=epoch, improved=improved, **m)
+                kind="val", epoch=epoch, improved=improved, tau=state["tau"], **m)
+            if auto and epoch > 0:  # τ from this epoch's curvature and the adapters' spread, damped
+                estimate = evidence_tau(model, curvature, state["tau"], tokens_per_doc)
+                step = min(max(math.log(estimate / state["tau"]), -TAU_CLIP), TAU_CLIP) * TAU_DAMP
+                state["tau"] = min(max(state["tau"] * math.exp(step), TAU_MIN), TAU_MAX)
+                log(out, f"epoch {epoch}: the evidence asks for tau {estimate:.4g}; tau is now {state['tau']:.4g}",
+                    kind="tau", epoch=epoch, estimate=estimate, tau=state["tau"])
+                for h in (h for pair in curvature.values() for h in pair):
+                    h.zero_()
             state.update(epoch=epoch + 1, done_in_epoch=0, epoch_rng=shuffle.get_state())
             if epoch > 0:
-                save_last(cfg, model, meta, opt, state)
+                save_last(cfg, model, meta, opt, state, curvature)
     except FloatingPointError as e:  # train_step's, raised before the step: the weights are still sane
         raise ValueError(f"{e} at step {state['step'] + 1} (epoch {state['epoch']}): training diverged; try a smaller "
                          f"--lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
     except KeyboardInterrupt:
-        save_last(cfg, model, meta, opt, state)
+        save_last(cfg, model, meta, opt, state, curvature)
         sys.exit(f"interrupted at epoch {state['epoch']}, step {state['done_in_epoch']}/{S}: saved {out / 'last.pt'}; "
                  f"continue with the same command and --resume")
     log(out, f"done: best epoch {state['best_epoch']}, validation ppl {math.exp(-state['best_ll']):.3f} "
         f"(task-averaged); evaluate with: python eval.py {out / 'ckpt.pt'}", kind="done", **state)
+
+
+# ---- The τ path: every τ of a list, each starting where the one before ended ----
+
+def train_path(cfg: TrainConfig, taus: list[float]) -> None:
+    """The τ path in one command. First an ordinary run with τ = auto (the evidence's estimate); then every
+    listed τ, nearest to auto's first, each starting from the trained neighbour between it and auto's τ, so
+    that it needs an epoch or two instead of a whole run. OUT/auto/ and OUT/tau_<τ>/ hold the runs;
+    OUT/ckpt.pt is the listed τ with the best task-averaged validation log-likelihood (the papers' choice)."""
+    out = Path(cfg.out)
+    for old in ("ckpt.pt", "log.jsonl") if not cfg.resume else ():
+        (out / old).unlink(missing_ok=True)
+    log(out, f"tau path {', '.join(f'{t:g}' for t in taus)}: auto first, then each from its neighbour", kind="path",
+        taus=taus)
+
+    def run(tau: str, folder: str, start: Checkpoint | None, patience: int) -> Checkpoint:
+        one = replace(cfg, tau=tau, out=str(out / folder), overwrite=True, patience=min(cfg.patience, patience))
+        if not finished(Path(one.out)):
+            Path(one.out).mkdir(exist_ok=True)
+            train(replace(one, resume=cfg.resume and (Path(one.out) / "last.pt").exists()), start)
+        return Checkpoint.load(Path(one.out) / "ckpt.pt")
+
+    place = lambda tau: math.log(min(max(tau, TAU_MIN), TAU_MAX))  # noqa: E731  0 and ∞ at the ends of the scale
+    centre = run("auto", "auto", None, cfg.patience)
+    trained, rows = [(place(centre.tau), centre)], []
+    for tau in sorted(taus, key=lambda t: abs(place(t) - place(centre.tau))):
+        start = min(trained, key=lambda row: abs(row[0] - place(tau)))[1]  # on the way from auto's τ: nearest first
+        ckpt = run(f"{tau:g}", f"tau_{tau:g}", start, PATH_PATIENCE)
+        trained.append((place(tau), ckpt))
+        rows.append((tau, ckpt))
+    best_tau, best = max(rows, key=lambda row: row[1].val["ll_task_avg"])
+    best.save(out / "ckpt.pt")
+    table = "\n".join(f"  tau={tau:<8g} best epoch {c.epoch:<3} validation ppl {c.val['ppl_task_avg']:.3f}"
+                      + ("  <- selected" if tau == best_tau else "") for tau, c in sorted(rows))
+    log(out, f"tau path (auto: {centre.tau:.3g}, validation ppl {centre.val['ppl_task_avg']:.3f}), task-averaged validation "
+        f"perplexity:\n{table}\nselected tau={best_tau:g}: {out / 'ckpt.pt'}; evaluate with: python eval.py "
+        f"{out / 'ckpt.pt'}", kind="path done", tau=best_tau, auto=centre.tau,
+        val={f"{tau:g}": c.val["ppl_task_avg"] for tau, c in rows})
+
+
+def start_from(model: BoRA, ckpt: Checkpoint) -> None:
+    """Begin at another τ's solution: its adapters; from the shared model every θ_d at its Θ; for the shared
+    model, the other's Θ."""
+    saved = ckpt.adapters
+
+    def value(key: str, now: torch.Tensor) -> torch.Tensor:
+        if key.endswith((".A", ".B")) and (model.shared or ckpt.shared):
+            return now if model.shared else saved[key + "_mean"].expand_as(now)
+        return saved[key]
+
+    model.load_adapter_state_dict({key: value(key, now) for key, now in model.adapter_state_dict().items()})
+
+
+def finished(folder: Path) -> bool:
+    """Did the run in folder end (its log's last record is "done")?"""
+    lines = (folder / "log.jsonl").read_text().splitlines() if (folder / "log.jsonl").exists() else []
+    return bool(lines) and json.loads(lines[-1])["kind"] == "done"
 
 
 @contextmanager
@@ -284,8 +417,9 @@ def run_folder(cfg: TrainConfig) -> Iterator[None]:
     """--out for this run alone: an old run is never overwritten by accident, and a second process is refused."""
     out = Path(cfg.out)
     runs = [f for f in ("ckpt.pt", "last.pt", "log.jsonl") if (out / f).exists()]
-    if cfg.resume and "last.pt" not in runs:
-        raise FileNotFoundError(f"--resume: {out} has no last.pt to continue; run without --resume")
+    if cfg.resume and ("log.jsonl" if "," in cfg.tau else "last.pt") not in runs:
+        raise FileNotFoundError(f"--resume: {out} has no {'τ path' if ',' in cfg.tau else 'last.pt'} to continue; "
+                                "run without --resume")
     if runs and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run ({', '.join(runs)}); continue it with --resume, "
                          f"start afresh with --overwrite, or choose another --out")
@@ -305,7 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     with one_line_errors(), run_folder(cfg):
         try:
-            train(cfg)
+            if "," in cfg.tau:
+                train_path(cfg, [float(t) for t in cfg.tau.split(",")])
+            else:
+                train(cfg)
         except torch.cuda.OutOfMemoryError:
             raise ValueError(f"out of GPU memory with --micro-batch {cfg.micro_batch}; a smaller one gives the same "
                              "result") from None

@@ -183,11 +183,11 @@ def write_checkpoint(model, path: Path, hf: Path, tau: float = 10.0, data: Path 
     meta = load_meta(data) if data else {
         "tasks": model.task_names, "task_prompt": task_prompt, "fingerprint": "0",
         "counts": {"train": {t: {"docs": 10 * (i + 1)} for i, t in enumerate(model.task_names)}}}
-    cfg = train.TrainConfig(data=str(data or path.parent / "data"), out=str(path.parent), init=str(hf), tau=tau,
+    cfg = train.TrainConfig(data=str(data or path.parent / "data"), out=str(path.parent), init=str(hf), tau=str(tau),
                             rank=model.lora.rank, alpha=model.lora.alpha, targets=",".join(model.lora.targets),
                             block_size=32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    train.checkpoint(cfg, model, meta, epoch=3, val={}).save(path)
+    train.checkpoint(cfg, model, meta, epoch=3, val={}, tau=tau).save(path)
     return path
 
 

@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import perturb, prepare, write_checkpoint, write_hf_checkpoint
@@ -144,3 +145,61 @@ def test_plot_draws_perplexity_against_tau(setup, tmp_path):
     paths = [setup["ckpts"][tau] for tau in (10.0, 0.0, math.inf)]
     run_eval(*paths, "--plot", tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- intervals: a bootstrap over documents, checked on data whose answer is known ----
+
+SIZES = (20, 40, 80, 160)  # documents per task in each simulated test split
+MU = np.array([2.0, 2.5, 3.0, 3.5])  # every task's true NLL per token
+
+
+def simulated_split(rng: np.random.Generator, worse_by: float = 0.0) -> tuple[np.ndarray, ...]:
+    """Per-document NLL sums and token counts of two models on one simulated split. Documents differ in
+    length and difficulty (shared by both models, as real documents are); model B is worse by `worse_by`
+    nats per token, plus a little noise of its own. True perplexities: exp(mean μ) and exp(mean μ + worse_by)."""
+    task_ids = np.repeat(np.arange(len(SIZES)), SIZES)
+    tokens = rng.integers(5, 40, size=len(task_ids))
+    difficulty = rng.normal(0, 0.5, size=len(task_ids))  # per token, shared by both models
+    nll_a = tokens * (MU[task_ids] + difficulty) + rng.normal(0, 1, size=len(task_ids)) * np.sqrt(tokens)
+    nll_b = nll_a + tokens * (worse_by + rng.normal(0, 0.05, size=len(task_ids)))
+    return task_ids, tokens, nll_a, nll_b
+
+
+def as_result(m: dict, task_ids: np.ndarray) -> dict:
+    """What evaluate_checkpoint returns, from report()'s numbers: enough for improvements()."""
+    tasks = [{"task": str(d), "ppl": p, "ppl_interval": i} for d, (p, i) in enumerate(zip(m["ppl"], m["ppl_interval"]))]
+    return {"checkpoint": "", "tau": 0.0, "data_id": "same", "tasks": tasks, "bootstrap": m["bootstrap"],
+            "overall": {k: m[k] for k in ("ppl_task_avg", "ppl_token_weighted")}}
+
+
+def test_intervals_cover_the_true_perplexity_and_pairing_narrows_the_comparison():
+    """Over 200 simulated test splits, the 95 % intervals hold the true task-averaged perplexity and the true
+    relative improvement about 95 % of the time. Resampling the two models' documents independently (not
+    paired) makes the comparison's interval far too wide: it then covers nearly always, and the test fails."""
+    rng, worse_by = np.random.default_rng(0), 0.02
+    true_ppl, true_gain = math.exp(MU.mean()), 1 - math.exp(-worse_by)  # (ppl_B − ppl_A) / ppl_B
+    hits = {"ppl": 0, "paired gain": 0, "unpaired gain": 0}
+    widths = {"paired gain": [], "unpaired gain": []}
+    for _ in range(200):
+        task_ids, tokens, nll_a, nll_b = simulated_split(rng, worse_by)
+        a = evaluate_cli.report(nll_a, tokens, task_ids, len(SIZES), samples=400, seed=1)
+        b, b_other_rows = (evaluate_cli.report(nll_b, tokens, task_ids, len(SIZES), samples=400, seed=s) for s in (1, 2))
+        lo, hi = a["ppl_task_avg_interval"]
+        hits["ppl"] += lo <= true_ppl <= hi
+        for name, other in (("paired gain", b), ("unpaired gain", b_other_rows)):
+            lo, hi = evaluate_cli.improvements([as_result(a, task_ids), as_result(other, task_ids)])[0]["ppl_task_avg_interval"]
+            hits[name] += lo <= true_gain <= hi
+            widths[name].append(hi - lo)
+    assert 0.88 <= hits["ppl"] / 200 <= 0.985, hits  # the percentile bootstrap covers a little less than 95 %
+    assert 0.88 <= hits["paired gain"] / 200 <= 0.985, hits
+    assert hits["unpaired gain"] / 200 > 0.99 and np.mean(widths["unpaired gain"]) > 5 * np.mean(widths["paired gain"])
+
+
+def test_the_resampling_keeps_every_task_and_its_size():
+    task_ids = np.array([2, 0, 1, 0, 2, 2, 1, 0, 0])
+    rows = evaluate_cli.resampled_documents(task_ids, samples=50, seed=3)
+    assert rows.shape == (50, len(task_ids))
+    assert all(np.array_equal(np.sort(task_ids[row]), np.sort(task_ids)) for row in rows)  # same tasks, same sizes
+    assert (task_ids[rows] == task_ids[rows[0]]).all()  # a column keeps its task in every row
+    assert np.array_equal(rows, evaluate_cli.resampled_documents(task_ids, samples=50, seed=3))  # the same draw
+    assert len(np.unique(rows[:, 0])) > 1  # ... that does resample

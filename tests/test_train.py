@@ -182,7 +182,7 @@ def test_default_micro_batch_is_sized_for_the_device(small, tmp_path):
 
 def test_flags_come_from_the_config_dataclass():
     c = train.parse_args(["--tau", "inf", "--targets", "c_attn,mlp.c_proj", "--micro-batch", "4", "--resume"])
-    assert isinstance(c, train.TrainConfig) and c.tau == math.inf and c.micro_batch == 4 and c.resume
+    assert isinstance(c, train.TrainConfig) and float(c.tau) == math.inf and c.micro_batch == 4 and c.resume
     assert c.targets == "c_attn,mlp.c_proj" and LoRAConfig(targets=c.targets).targets == ("c_attn", "mlp.c_proj")
     d = train.parse_args([])
     assert (d.rank, d.alpha, d.block_size, d.batch_size, d.max_epochs, d.patience) == (16, 16.0, 256, 64, 20, 5)
@@ -203,7 +203,7 @@ def test_checkpoint_contents_and_plain_types(small, tmp_path):
     assert ckpt["data_id"] == load_meta(data)["fingerprint"] and ckpt["resume"] is None
     assert all(".transformer.wte" not in k and "c_attn.base" not in k for k in ckpt["adapters"])  # adapters only
     last = torch.load(out / "last.pt", weights_only=True)
-    assert {"optimizer", "rng", "state"} == last["resume"].keys() and last["resume"]["state"]["epoch"] == 2
+    assert {"optimizer", "rng", "state"} <= last["resume"].keys() and last["resume"]["state"]["epoch"] == 2
     records = read_log(out)
     assert records[-1]["kind"] == "done" and sum(r["kind"] == "val" for r in records) == 2
 
@@ -230,30 +230,34 @@ def test_resume_after_an_epoch_ends_with_the_same_adapters(small, tmp_path, monk
     assert [r["epoch"] for r in read_log(resumed) if r["kind"] == "val"] == [0, 1, 2]
 
 
-def test_ctrl_c_mid_epoch_saves_last_pt_and_resume_continues_exactly(small, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tau, step", [("10", 3), ("auto", 8)])  # auto: in epoch 2, after τ has moved once
+def test_ctrl_c_mid_epoch_saves_last_pt_and_resume_continues_exactly(small, tmp_path, monkeypatch, tau, step):
     """Two threads, dropout on, interrupted in the middle of an epoch: the resumed run ends bit for bit equal."""
     data, hf = small
     torch.set_num_threads(2)
-    common = ("--tau", "10", "--lr", "1e-2", "--max-epochs", "2", "--dropout", "0.1", "--batch-size", "4",
+    common = ("--tau", tau, "--lr", "1e-2", "--max-epochs", "3", "--dropout", "0.1", "--batch-size", "4",
               "--micro-batch", "2")
     straight = train_run(data, hf, tmp_path / "straight", *common)
     real_step, steps = train.train_step, []
 
-    def ctrl_c_at_step_3(*args):
+    def ctrl_c_at(*args):
         steps.append(1)
-        if len(steps) == 3:
+        if len(steps) == step:
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(train, "train_step", ctrl_c_at_step_3)
+    monkeypatch.setattr(train, "train_step", ctrl_c_at)
     with pytest.raises(SystemExit) as e:
         train_run(data, hf, tmp_path / "resumed", *common)
-    assert str(e.value.code).startswith("interrupted at epoch 1, step 2/5") and "--resume" in str(e.value.code)
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["resume"]["state"]["done_in_epoch"] == 2
+    epoch, done = 1 + (step - 1) // 5, (step - 1) % 5  # 18 documents in batches of 4: 5 steps an epoch
+    assert str(e.value.code).startswith(f"interrupted at epoch {epoch}, step {done}/5") and "--resume" in str(e.value.code)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["resume"]["state"]["done_in_epoch"] == done
     monkeypatch.setattr(train, "train_step", real_step)
     resumed = train_run(data, hf, tmp_path / "resumed", *common, "--resume")
     a, b = adapters(straight / "last.pt"), adapters(resumed / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    taus = [[r["tau"] for r in read_log(run) if r["kind"] == "val"] for run in (straight, resumed)]
+    assert taus[0] == taus[1] and (tau != "auto" or len(set(taus[0])) > 1)  # the same τ, moving for auto
 
 
 def test_a_killed_run_saves_last_pt_and_says_so_in_one_line(small, tmp_path):
@@ -376,3 +380,138 @@ def test_resume_refuses_other_data_or_model(small, tmp_path):
     assert "different data_id" in refusal(*base, "--data", str(other_data))
     assert "different base_model" in refusal(*base, "--init", str(other_model))
     assert "different tau" in refusal(*base, "--tau", "100")
+
+
+# ---- τ from the data ------------------------------------------------------------------------------
+
+
+def test_the_fisher_comes_from_each_documents_own_gradient(small):
+    """add_fisher's h_d = Σ_{i in task d} g_i², read off the per-row adapter copies of batched passes, equals
+    the same sum with every document's gradient of −log P(doc) computed alone, one backward each."""
+    data, hf = small
+    split = load_split(data, "train")
+    model = perturbed_bora(hf).eval()
+    for m in model.adapted.values():
+        m.keep_rows = True
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    curvature = {path: (torch.zeros_like(m.A), torch.zeros_like(m.B)) for path, m in model.adapted.items()}
+    train.train_step(model, opt, passes(split, list(range(len(split))), 5), 3, 10.0, "doc-mean", curvature=curvature)
+    expected = {path: (torch.zeros_like(m.A), torch.zeros_like(m.B)) for path, m in model.adapted.items()}
+    for i in range(len(split)):
+        model.zero_grad()
+        x, y, t = make_batch(split, [i], 32, "cpu")
+        model(x, t, y).sum().backward()  # this document's −log P, summed over its tokens
+        for path, m in model.adapted.items():
+            task = int(t)
+            expected[path][0][task] += m.A.grad[task].square()
+            expected[path][1][task] += m.B.grad[task].square()
+    for path in curvature:
+        for got, want in zip(curvature[path], expected[path]):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-10), path
+
+
+def random_effects(model: BoRA, tau_true: float, tau_trained: float, seed: int = 0) -> dict:
+    """Put model's adapters where training at tau_trained would put them in the quadratic picture, for a world
+    drawn from it: θ_d ~ N(0, 1/tau_true); task d's data measure θ_d with precision h_d (more data, larger h);
+    the optimum is θ_d = (h z_d + τ Θ) / (h + τ) with Θ the mean of the θ_d. Returns the curvature h."""
+    g = torch.Generator().manual_seed(seed)
+    curvature = {}
+    with torch.no_grad():
+        for path, m in model.adapted.items():
+            pair = []
+            for theta, mean in ((m.A, m.A_mean), (m.B, m.B_mean)):
+                D = theta.shape[0]
+                h = torch.logspace(-1, 2, D).view(D, *[1] * (theta.dim() - 1)).expand_as(theta).clone()
+                h *= torch.rand(theta.shape, generator=g) + 0.5  # per parameter, too
+                truth = torch.randn(theta.shape, generator=g) / math.sqrt(tau_true) if tau_true < math.inf else 0
+                z = truth + torch.randn(theta.shape, generator=g) / h.sqrt()  # the data's estimate of θ_d
+                centre = z.mean(0)
+                for _ in range(200):  # the joint optimum of θ_d and Θ
+                    estimate = (h * z + tau_trained * centre) / (h + tau_trained)
+                    centre = estimate.mean(0)
+                theta.copy_(estimate)
+                mean.copy_(centre)
+                pair.append(h)
+            curvature[path] = tuple(pair)
+    return curvature
+
+
+@pytest.mark.parametrize("tau_trained", [0.3, 3.0, 30.0])
+def test_evidence_finds_the_prior_precision_of_a_known_world(small, tau_trained):
+    """Whatever τ the adapters were trained at, the estimate lands at the world's own τ = 3: the evidence
+    equation is solved, not stepped once. Identical tasks send it far up (the spread is noise: u_dj ≈ 0, the
+    shared model), tasks with nothing in common (a huge spread) to a small τ."""
+    model = BoRA(GPT.from_pretrained(str(small[1])), [f"t{d}" for d in range(8)], LoRAConfig(rank=4))
+    curvature = random_effects(model, tau_true=3.0, tau_trained=tau_trained)
+    assert train.evidence_tau(model, curvature, tau_trained, tokens_per_doc=1.0) == pytest.approx(3.0, rel=0.1)
+    # on the doc-mean scale: the same world, seen through documents of 10 tokens, asks for τ / 10
+    assert train.evidence_tau(model, curvature, tau_trained / 10, tokens_per_doc=10.0) == pytest.approx(0.3, rel=0.1)
+    curvature = random_effects(model, tau_true=math.inf, tau_trained=tau_trained)
+    assert train.evidence_tau(model, curvature, tau_trained, 1.0) > 100
+    curvature = random_effects(model, tau_true=1e-3, tau_trained=tau_trained)
+    assert train.evidence_tau(model, curvature, tau_trained, 1.0) < 3e-3
+
+
+
+# ---- the τ path -----------------------------------------------------------------------------------
+
+
+def test_a_task_model_started_from_the_shared_one_computes_the_shared_model(small, tmp_path):
+    data, hf = small
+    shared = perturbed_bora(hf, shared=True)
+    ckpt = train.checkpoint(train.TrainConfig(data=str(data), init=str(hf), tau="inf"), shared, load_meta(data), 1, {},
+                            math.inf)
+    tasks = BoRA(GPT.from_pretrained(str(hf)), ["alpha", "beta", "gamma"], LoRAConfig(rank=4))
+    train.start_from(tasks, ckpt)
+    x, y, t = make_batch(load_split(data, "val"), list(range(6)), 32, "cpu")
+    with torch.no_grad():
+        assert torch.equal(tasks(x, t), shared(x, t)) and train.prior(tasks, 10.0).item() == 0.0
+
+
+def test_the_tau_path_starts_at_auto_fans_out_from_it_and_keeps_the_best(small, tmp_path):
+    data, hf = small
+    out = train_run(data, hf, tmp_path / "path", "--tau", "0,10,inf", "--max-epochs", "2")
+    runs = {tau: torch.load(out / f"tau_{tau}" / "ckpt.pt", weights_only=True) for tau in ("0", "10", "inf")}
+    best = max(runs, key=lambda tau: runs[tau]["val"]["ll_task_avg"])
+    chosen = torch.load(out / "ckpt.pt", weights_only=True)
+    assert chosen["tau"] == float(best) and all(torch.equal(v, runs[best]["adapters"][k]) for k, v in chosen["adapters"].items())
+    # auto ran first, from the base model; each listed τ started from the trained run nearest to it, on its
+    # way from auto's τ (log scale, 0 and ∞ at the ends), and was trained at its own τ
+    auto = torch.load(out / "auto" / "ckpt.pt", weights_only=True)["tau"]
+    place = {t: math.log(min(max(float(t), train.TAU_MIN), train.TAU_MAX)) for t in runs}
+    order = sorted(runs, key=lambda t: abs(place[t] - math.log(auto)))
+    trained = {"auto": math.log(auto)}
+    for tau in order:
+        start = next(r for r in read_log(out / f"tau_{tau}") if r["kind"] == "start")["start"]
+        nearest = min(trained, key=lambda name: abs(trained[name] - place[tau]))
+        assert Path(start).parent.name == (nearest if nearest == "auto" else f"tau_{nearest}"), tau
+        trained[tau] = place[tau]
+        assert all(float(r["tau"]) == float(tau) for r in read_log(out / f"tau_{tau}") if r["kind"] == "val")
+    assert read_log(out / "auto")[1]["epoch"] == 0  # auto alone validates the base model
+    done = read_log(out)[-1]
+    assert done["kind"] == "path done" and done["tau"] == float(best)
+
+
+def test_the_tau_path_resumes_where_it_was_interrupted(small, tmp_path, monkeypatch):
+    data, hf = small
+    common = ("--tau", "0,10,inf", "--max-epochs", "2", "--batch-size", "8")
+    straight = train_run(data, hf, tmp_path / "straight", *common)
+    real_step, steps = train.train_step, []
+
+    def ctrl_c_at_step_8(*args):  # 3 steps an epoch, 2 epochs of auto: in the second run of the path
+        steps.append(1)
+        if len(steps) == 8:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_at_step_8)
+    with pytest.raises(SystemExit) as e:
+        train_run(data, hf, tmp_path / "resumed", *common)
+    assert "/tau_" in str(e.value.code) and "--resume" in str(e.value.code)
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert "already holds a run" in refusal("--data", str(data), "--init", str(hf), "--out", str(tmp_path / "resumed"),
+                                            "--tau", "0,10,inf")
+    resumed = train_run(data, hf, tmp_path / "resumed", *common, "--resume")
+    for name in ("ckpt.pt", "auto/ckpt.pt", "tau_0/ckpt.pt", "tau_10/ckpt.pt", "tau_inf/ckpt.pt"):
+        a, b = adapters(straight / name), adapters(resumed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
