@@ -18,10 +18,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from bora import BoRA, load_checkpoint
-from cli import ArgumentParser, one_line_errors, pick_device, to_json
-from data import Split, forward_passes, load_meta, load_split
+from cli import ArgumentParser, all_sum, one_line_errors, pick_device, to_json
+from data import Split, forward_passes, load_meta, load_split, rank_share
 
 
 @torch.no_grad()
@@ -29,22 +30,27 @@ def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, dev
              label: str = "eval") -> dict:
     """Mean log-likelihood per token and perplexity of a split: per task, token-weighted (every token
     counts once: big tasks dominate) and averaged over tasks (every task counts once: the papers' tables).
-    train.py validates with this same function."""
+    train.py validates with this same function; under torchrun each rank measures its share of the documents."""
     was_training, started, shown = model.training, time.time(), time.time()
     model.eval()  # no adapter dropout while measuring
     D = len(model.task_names)
     nll, tokens, done = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.int64), 0
-    for x, y, t in forward_passes(split, list(range(len(split))), block_size, docs_per_pass, device):
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    docs = rank_share(list(range(len(split))), docs_per_pass, rank, ranks)  # torchrun: this rank's documents
+    for x, y, t in forward_passes(split, docs, block_size, docs_per_pass, device):
         with autocast:
             doc_nll = model(x, t, y).sum(1)  # (n,) each document's NLL, summed over its scored tokens
         nll.index_add_(0, t.cpu(), doc_nll.double().cpu())  # each row into its task's slot
         tokens.index_add_(0, t.cpu(), (y != -1).sum(1).cpu())
         done += len(t)
-        if time.time() - shown > 10 or (done == len(split) and time.time() - started > 10):
+        if rank == 0 and (time.time() - shown > 10 or (done == len(docs) and time.time() - started > 10)):
             rate, shown = done / (time.time() - started), time.time()
-            print(f"{label}: {done}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - done) / rate:.0f} s left",
+            print(f"{label}: {done}/{len(docs)} docs, {rate:.1f} docs/s, {(len(docs) - done) / rate:.0f} s left",
                   file=sys.stderr, flush=True)
     model.train(was_training)
+    if dist.is_initialized():  # every rank's per-task sums added up: the split's
+        sums = all_sum(torch.stack([nll, tokens.double()]).to(device))  # (2, D); NCCL sums on the GPU
+        nll, tokens = sums[0].cpu(), sums[1].cpu().long()
     ll = (-nll / tokens.clamp(min=1)).tolist()
     token_ll, task_ll = -nll.sum().item() / max(tokens.sum().item(), 1), sum(ll) / len(ll)
     return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": tokens.tolist(),
