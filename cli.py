@@ -1,4 +1,4 @@
-"""What every script shares where a user's input enters: one-line errors, the device, JSON output.
+"""What every script shares where a user's input enters: one-line errors, the device, torchrun's ranks, JSON output.
 
 Nothing here is part of the method; it is the boundary that keeps a mistake from becoming a traceback."""
 from __future__ import annotations
@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -39,6 +40,17 @@ def pick_device(name: str = "auto") -> str:
     except (RuntimeError, AssertionError) as e:
         raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device auto") from None
     return name
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed in place over torchrun's ranks (one process: x as it is). Once a rank has ended (failed, or
+    stopped by Ctrl-C), the others' sums fail, and to them that is an interruption, as Ctrl-C is."""
+    if dist.is_initialized():
+        try:
+            dist.all_reduce(x)  # op=SUM
+        except RuntimeError as e:  # gloo: "Connection closed by peer"; torchrun is ending every rank anyway
+            raise KeyboardInterrupt(str(e).splitlines()[0]) from None
+    return x
 
 
 def jsonable(x):

@@ -11,6 +11,7 @@ Nothing here knows about models."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,3 +129,12 @@ def forward_passes(split: Split, doc_ids: list[int], block_size: int, docs_per_p
     Any grouping gives the same optimiser step and the same evaluation: every term is one document's."""
     for i in range(0, len(doc_ids), docs_per_pass):
         yield make_batch(split, doc_ids[i:i + docs_per_pass], block_size, device)
+
+
+def rank_share(doc_ids: list[int], docs_per_pass: int, rank: int, ranks: int) -> list[int]:
+    """Rank `rank`'s part of doc_ids when `ranks` processes share them (torchrun): the forward passes that one
+    process would make, dealt out in runs of ⌈passes / ranks⌉, so that each rank makes exactly those passes.
+    With fewer passes than ranks, the last ranks get none."""
+    passes = math.ceil(len(doc_ids) / docs_per_pass)
+    run = math.ceil(passes / ranks) * docs_per_pass  # documents in ⌈passes / ranks⌉ passes
+    return doc_ids[rank * run:(rank + 1) * run]

@@ -18,10 +18,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from bora import BoRA, load_checkpoint
-from cli import ArgumentParser, one_line_errors, pick_device, to_json
-from data import Split, load_meta, load_split, make_batch
+from cli import ArgumentParser, all_sum, one_line_errors, pick_device, to_json
+from data import Split, load_meta, load_split, make_batch, rank_share
 
 
 @torch.no_grad()
@@ -31,17 +32,23 @@ def score_documents(model: BoRA, split: Split, block_size: int, docs_per_pass: i
     was_training, started, shown = model.training, time.time(), time.time()
     model.eval()  # no adapter dropout while measuring
     nll, tokens = np.zeros(len(split)), np.zeros(len(split), dtype=np.int64)
-    for first in range(0, len(split), docs_per_pass):
-        docs = list(range(first, min(first + docs_per_pass, len(split))))
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = rank_share(list(range(len(split))), docs_per_pass, rank, ranks)  # torchrun: this rank's documents
+    for first in range(0, len(mine), docs_per_pass):
+        docs = mine[first:first + docs_per_pass]
         x, y, t = make_batch(split, docs, block_size, device)
         with autocast:
             nll[docs] = model(x, t, y).sum(1).double().cpu().numpy()  # each document's NLL (in float32)
         tokens[docs] = (y != -1).sum(1).cpu().numpy()
-        if time.time() - shown > 10 or (docs[-1] + 1 == len(split) and time.time() - started > 10):
-            rate, shown = (docs[-1] + 1) / (time.time() - started), time.time()
-            print(f"{label}: {docs[-1] + 1}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - docs[-1] - 1) / rate:.0f}"
-                  " s left", file=sys.stderr, flush=True)
+        done = first + len(docs)
+        if rank == 0 and (time.time() - shown > 10 or (done == len(mine) and time.time() - started > 10)):
+            rate, shown = done / (time.time() - started), time.time()
+            print(f"{label}: {done}/{len(mine)} docs, {rate:.1f} docs/s, {(len(mine) - done) / rate:.0f} s left",
+                  file=sys.stderr, flush=True)
     model.train(was_training)
+    if dist.is_initialized():  # each document was scored by one rank: the sums are every document's scores
+        both = all_sum(torch.from_numpy(np.stack([nll, tokens.astype(np.float64)])).to(device)).cpu().numpy()
+        nll, tokens = both[0], both[1].astype(np.int64)
     return nll, tokens
 
 

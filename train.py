@@ -2,6 +2,7 @@
 
     python prepare_data.py              # the default data: dair-ai/emotion -> data/emotion
     python train.py --tau 100           # -> out/emotion/ckpt.pt; then: python eval.py out/emotion/ckpt.pt
+    torchrun --nproc_per_node 4 train.py --tau 100      # the same run, its batches shared by 4 GPUs
 
 BoRA keeps every task's adapter θ_d near a global mean Θ, θ_d ~ N(Θ, τ⁻¹ I), and trains the MAP estimate of
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 from bora import BoRA, Checkpoint, LoRAConfig
-from cli import ArgumentParser, jsonable, one_line_errors, pick_device
-from data import forward_passes, load_meta, load_split, scored_tokens
+from cli import ArgumentParser, all_sum, jsonable, one_line_errors, pick_device
+from data import forward_passes, load_meta, load_split, rank_share, scored_tokens
 from eval import evaluate
 from gpt2 import GPT
 
@@ -36,6 +39,9 @@ try:
     import fcntl  # the run lock; Windows has none, and runs there go unlocked
 except ImportError:
     fcntl = None
+
+# torchrun starts one process per GPU and tells each its rank; `python train.py` is rank 0 of 1
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 import os
@@ -121,12 +127,13 @@ def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch:
     of the epoch's S batches, so weighting every document of a batch by S makes the mean of the epoch's S
     step losses exactly L, whatever tasks a batch happens to hold. (Weighting each task present by its size
     N_d instead under-weights small tasks, which a batch often misses: they would feel a stronger prior.)
-    Any grouping of the batch into passes gives the same step: every term is one document's.
-    With `curvature`, each document's gradient also goes into its task's empirical Fisher (for --tau auto)."""
-    opt.zero_grad(set_to_none=True)
-    prior_term, nll_term = prior(model, tau), 0.0
-    if prior_term.requires_grad:
-        prior_term.backward()
+    Any grouping of the batch into passes gives the same step, and so does sharing the passes out over
+    torchrun's ranks: every term is one document's. With `curvature`, each document's gradient also goes
+    into its task's empirical Fisher (for --tau auto)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    exact = torch.float32 if params[0].device.type == "mps" else torch.float64  # why: sum_over_ranks (MPS: none)
+    grad_sum, nll_term = params[0].new_zeros(sum(p.numel() for p in params), dtype=exact), 0.0
+    fisher = {path: tuple(h.new_zeros(h.shape) for h in pair) for path, pair in curvature.items()} if curvature else None
     for x, y, t in passes:
         with autocast:
             nll = model(x, t, y).sum(1)  # (n,) each document's NLL, summed over its scored tokens
@@ -134,10 +141,19 @@ def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch:
         if likelihood == "doc-mean":
             nll = nll / scored  # nll_i, the document's mean token NLL
         loss = steps_per_epoch * nll.sum()  # S · Σ_{i in batch} nll_i
+        opt.zero_grad(set_to_none=True)
         loss.backward()
+        grad_sum += torch.cat([p.grad.flatten() for p in params])  # (all adapter numbers,)
         nll_term += loss.item()
-        if curvature is not None:  # per-document gradients of −log P(doc), the exact likelihood's scale
-            add_fisher(model, curvature, (scored if likelihood == "doc-mean" else 1) / steps_per_epoch)
+        if fisher is not None:  # per-document gradients of −log P(doc), the exact likelihood's scale
+            add_fisher(model, fisher, (scored if likelihood == "doc-mean" else 1) / steps_per_epoch)
+    also = [h for pair in fisher.values() for h in pair] if fisher else []
+    nll_term = sum_over_ranks(params, grad_sum, nll_term, also)  # torchrun: now every rank has the whole batch's
+    for h, step_h in zip([h for pair in curvature.values() for h in pair] if fisher else [], also):
+        h += step_h
+    prior_term = prior(model, tau)
+    if prior_term.requires_grad:
+        prior_term.backward()  # after the sum and the same on every rank: counted once, not once per rank
     if not math.isfinite(nll_term + prior_term.item()):
         raise FloatingPointError(f"loss is {nll_term + prior_term.item()}")  # before the step: weights stay sane
     if 0 < tau < math.inf:
@@ -147,6 +163,24 @@ def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch:
     if tau == 0:
         theta_as_task_mean(model)  # Θ is free at τ = 0: keep it at its τ → 0⁺ limit
     return nll_term, prior_term.item()
+
+
+def sum_over_ranks(params: list[torch.Tensor], grad_sum: torch.Tensor, nll_term: float,
+                   also: list[torch.Tensor] = ()) -> float:
+    """The likelihood's gradient, summed over this rank's passes, into the parameters' .grad; under torchrun
+    first summed over the ranks too, in one message (with the tensors `also`, summed in place). Summed, not
+    averaged as DDP would: the objective is a sum over documents, so this is the one-process step; and summed
+    in float64, where a sum of a few float32 numbers is exact, so that its order does not matter and the step
+    is the one-process step to the bit. A rank without passes adds zeros."""
+    if dist.is_initialized():
+        message = all_sum(torch.cat([grad_sum, grad_sum.new_tensor([nll_term]), *(t.flatten().to(grad_sum.dtype)
+                                                                                 for t in also)]))
+        grad_sum, nll_term = message[:len(grad_sum)], message[len(grad_sum)].item()
+        for t, summed in zip(also, message[len(grad_sum) + 1:].split([t.numel() for t in also])):
+            t.copy_(summed.view_as(t))
+    for p, g in zip(params, grad_sum.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+    return nll_term
 
 
 @torch.no_grad()
@@ -222,12 +256,16 @@ def checkpoint(cfg: TrainConfig, model: BoRA, meta: dict, epoch: int, val: dict,
 def save_last(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer, state: dict,
               curvature: dict | None) -> None:
     """last.pt: ckpt.pt's contents, plus what --resume needs to go on exactly (optimiser, RNG, loop state)."""
+    if RANK > 0:  # every rank holds the same adapters, optimiser state and curvature: rank 0 writes them
+        return
     resume_state = dict(state=state, optimizer=opt.state_dict(), rng=torch.get_rng_state(), curvature=curvature)
     checkpoint(cfg, model, meta, state["epoch"] - 1, {}, state["tau"], resume_state).save(Path(cfg.out) / "last.pt")
 
 
 def log(out: Path, text: str, /, **record) -> None:
-    """A line on stdout, and the same record in log.jsonl."""
+    """A line on stdout, and the same record in log.jsonl; under torchrun, rank 0 speaks for every rank."""
+    if RANK > 0:
+        return
     print(text, flush=True)
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(jsonable(record)) + "\n")
@@ -256,7 +294,9 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
 def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
     # the device, the data, the model, the optimiser
     device, out = pick_device(cfg.device), Path(cfg.out)
-    cfg.micro_batch = cfg.micro_batch or (32 if device.startswith("cuda") else 8)  # README: Memory
+    # README: Memory; under torchrun at most batch / N, so that every rank has passes to make (data.rank_share)
+    default_micro_batch = min(32 if device.startswith("cuda") else 8, math.ceil(cfg.batch_size / WORLD_SIZE))
+    cfg.micro_batch = cfg.micro_batch or default_micro_batch
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
     meta, train_split, val_split = load_meta(cfg.data), load_split(cfg.data, "train"), load_split(cfg.data, "val")
@@ -282,19 +322,22 @@ def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
                      best_epoch=0, bad_epochs=0, tau=TAU_START if auto else float(cfg.tau))
         curvature = {path: (torch.zeros_like(m.A), torch.zeros_like(m.B)) for path, m in model.adapted.items()
                      } if auto else None  # each task's empirical Fisher over the current epoch
-        for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite else ():
+        for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite and RANK == 0 else ():
             (out / old).unlink(missing_ok=True)  # only now, once data and model are known to load
         if warm_start is not None:  # epoch 0 is the start itself, validated already
             state.update(epoch=1, best_ll=warm_start.val["ll_task_avg"])
-            checkpoint(cfg, model, meta, 0, warm_start.val, state["tau"]).save(out / "ckpt.pt")
-    (out / "args.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n")
+            if RANK == 0:
+                checkpoint(cfg, model, meta, 0, warm_start.val, state["tau"]).save(out / "ckpt.pt")
+    if RANK == 0:
+        (out / "args.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n")
     for m in model.adapted.values():
         m.keep_rows = auto  # per-document gradients for the curvature
     tokens_per_doc = float(scored_tokens(train_split, cfg.block_size).mean()) if cfg.likelihood == "doc-mean" else 1.0
     S = math.ceil(len(train_split) / cfg.batch_size)  # steps per epoch
     log(out, f"{len(meta['tasks'])} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau} "
-        f"lr={cfg.lr:g} | " + "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device,
-        kind="start", start=warm_start and str(Path(warm_start.args["out"]) / "ckpt.pt"), **asdict(cfg))
+        f"lr={cfg.lr:g} | " + "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device +
+        (f", rank 0 of {WORLD_SIZE} (torchrun)" if dist.is_initialized() else ""), kind="start", world_size=WORLD_SIZE,
+        start=warm_start and str(Path(warm_start.args["out"]) / "ckpt.pt"), **asdict(cfg))
 
     try:
         t0, steps0, shown, saved_at = time.time(), state["step"], time.time(), time.time()
@@ -304,7 +347,8 @@ def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
             order = torch.randperm(len(train_split), generator=shuffle).tolist() if epoch > 0 else []
             batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]  # S, tasks mixed
             for i in range(state["done_in_epoch"], len(batches)):
-                passes = forward_passes(train_split, batches[i], cfg.block_size, cfg.micro_batch, device)
+                share = rank_share(batches[i], cfg.micro_batch, RANK, WORLD_SIZE)  # torchrun: this rank's documents
+                passes = forward_passes(train_split, share, cfg.block_size, cfg.micro_batch, device)
                 nll, prior_term = train_step(model, opt, passes, S, state["tau"], cfg.likelihood, autocast, curvature)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
@@ -325,7 +369,8 @@ def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
             # validation: every task's perplexity; ckpt.pt keeps the best epoch, patience counts the others
             m = evaluate(model, val_split, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val")
             if improved := m["ll_task_avg"] > state["best_ll"]:
-                checkpoint(cfg, model, meta, epoch, m, state["tau"]).save(out / "ckpt.pt")
+                if RANK == 0:
+                    checkpoint(cfg, model, meta, epoch, m, state["tau"]).save(out / "ckpt.pt")
                 state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)
             state.update(bad_epochs=0 if improved else state["bad_epochs"] + 1)
             per_task = "  ".join(f"{name} {p:.2f}" for name, p in zip(meta["tasks"], m["ppl"]))
@@ -347,10 +392,12 @@ def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
     except FloatingPointError as e:  # train_step's, raised before the step: the weights are still sane
         raise ValueError(f"{e} at step {state['step'] + 1} (epoch {state['epoch']}): training diverged; try a smaller "
                          f"--lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM; under torchrun also another rank's end (cli.all_sum)
+        for s in (signal.SIGINT, signal.SIGTERM) if dist.is_initialized() else ():
+            signal.signal(s, signal.SIG_IGN)  # torchrun passes the signal on once more: let the save below end
         save_last(cfg, model, meta, opt, state, curvature)
-        sys.exit(f"interrupted at epoch {state['epoch']}, step {state['done_in_epoch']}/{S}: saved {out / 'last.pt'}; "
-                 f"continue with the same command and --resume")
+        sys.exit(1 if RANK > 0 else f"interrupted at epoch {state['epoch']}, step {state['done_in_epoch']}/{S}: saved "
+                 f"{out / 'last.pt'}; continue with the same command and --resume")
     log(out, f"done: best epoch {state['best_epoch']}, validation ppl {math.exp(-state['best_ll']):.3f} "
         f"(task-averaged); evaluate with: python eval.py {out / 'ckpt.pt'}", kind="done", **state)
 
@@ -363,7 +410,7 @@ def train_path(cfg: TrainConfig, taus: list[float]) -> None:
     that it needs an epoch or two instead of a whole run. OUT/auto/ and OUT/tau_<τ>/ hold the runs;
     OUT/ckpt.pt is the listed τ with the best task-averaged validation log-likelihood (the papers' choice)."""
     out = Path(cfg.out)
-    for old in ("ckpt.pt", "log.jsonl") if not cfg.resume else ():
+    for old in ("ckpt.pt", "log.jsonl") if not cfg.resume and RANK == 0 else ():
         (out / old).unlink(missing_ok=True)
     log(out, f"tau path {', '.join(f'{t:g}' for t in taus)}: auto first, then each from its neighbour", kind="path",
         taus=taus)
@@ -373,6 +420,8 @@ def train_path(cfg: TrainConfig, taus: list[float]) -> None:
         if not finished(Path(one.out)):
             Path(one.out).mkdir(exist_ok=True)
             train(replace(one, resume=cfg.resume and (Path(one.out) / "last.pt").exists()), start)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0's last ckpt.pt is on disk before any rank reads it
         return Checkpoint.load(Path(one.out) / "ckpt.pt")
 
     place = lambda tau: math.log(min(max(tau, TAU_MIN), TAU_MAX))  # noqa: E731  0 and ∞ at the ends of the scale
@@ -384,7 +433,8 @@ def train_path(cfg: TrainConfig, taus: list[float]) -> None:
         trained.append((place(tau), ckpt))
         rows.append((tau, ckpt))
     best_tau, best = max(rows, key=lambda row: row[1].val["ll_task_avg"])
-    best.save(out / "ckpt.pt")
+    if RANK == 0:
+        best.save(out / "ckpt.pt")
     table = "\n".join(f"  tau={tau:<8g} best epoch {c.epoch:<3} validation ppl {c.val['ppl_task_avg']:.3f}"
                       + ("  <- selected" if tau == best_tau else "") for tau, c in sorted(rows))
     log(out, f"tau path (auto: {centre.tau:.3g}, validation ppl {centre.val['ppl_task_avg']:.3f}), task-averaged validation "
@@ -426,7 +476,7 @@ def run_folder(cfg: TrainConfig) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:  # the OS drops the lock when the file closes or the process ends
         try:
-            if fcntl:
+            if fcntl and RANK == 0:  # torchrun: rank 0 holds it for the run
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"another train.py is running in {out}; wait for it to end or choose another --out") from None
@@ -435,9 +485,30 @@ def run_folder(cfg: TrainConfig) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def torchrun_ranks(cfg: TrainConfig) -> Iterator[None]:
+    """Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE): join the run's other processes, over NCCL
+    between GPUs (rank r on GPU LOCAL_RANK) or gloo between CPUs. `python train.py` has none to join."""
+    if "RANK" not in os.environ:
+        yield
+        return
+    gpu = cfg.device == "cuda" or cfg.device == "auto" and torch.cuda.is_available()
+    if not gpu and cfg.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {cfg.device} under torchrun: use cuda (rank r takes GPU LOCAL_RANK) or cpu")
+    cfg.device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if gpu else "gloo")  # waits for every rank: all have checked --out by now
+    try:
+        yield
+    except KeyboardInterrupt:  # before the training loop, which saves last.pt itself: another rank ended the run
+        sys.exit(1)
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    with one_line_errors(), run_folder(cfg):
+    with one_line_errors(), run_folder(cfg), torchrun_ranks(cfg):
         try:
             if "," in cfg.tau:
                 train_path(cfg, [float(t) for t in cfg.tau.split(",")])

@@ -140,8 +140,7 @@ def test_plot_needs_matplotlib(setup, monkeypatch, tmp_path):
     assert "pip install matplotlib" in message and not (tmp_path / "p.png").exists()
 
 
-def test_plot_draws_perplexity_against_tau(setup, tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_draws_perplexity_against_tau(setup, tmp_path):  # matplotlib: requirements-test.txt
     paths = [setup["ckpts"][tau] for tau in (10.0, 0.0, math.inf)]
     run_eval(*paths, "--plot", tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
-"""Parity with transformers' own GPT2LMHeadModel, both ways. Skipped where transformers is not installed
-(CI does not install it). BORA_PARITY_124M=1 adds the full 124M shapes (a few seconds, ~2 GB of memory)."""
+"""Parity with transformers' own GPT2LMHeadModel, both ways (transformers: requirements-test.txt, which CI
+installs). BORA_PARITY_124M=1 adds the full 124M shapes (a few seconds, ~2 GB of memory)."""
 from __future__ import annotations
 
 import os
@@ -7,11 +7,10 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from gpt2 import GPT
-
-transformers = pytest.importorskip("transformers")
 
 SIZES = [dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=1000)]
 if os.environ.get("BORA_PARITY_124M") == "1":
