@@ -44,11 +44,10 @@ except ImportError:
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-import os
-TAU_START, TAU_DAMP, TAU_CLIP = float(os.environ.get("BORA_TAU0", 1.0)), float(os.environ.get("BORA_DAMP", 0.5)), math.log(float(os.environ.get("BORA_CLIP", 10)))
-TAU_MIN, TAU_MAX = 1e-3, 1e5
-PATH_PATIENCE = int(os.environ.get("BORA_PATH_PATIENCE", 1))
-EB_WEIGHT = os.environ.get("BORA_EB_WEIGHT", "0") == "1"
+# --tau auto: τ starts weak (1 on the doc-mean scale), then after every epoch moves halfway (in log τ) towards
+# the evidence's estimate, by at most a factor √10 an epoch, within [1e-3, 1e5]
+TAU_START, TAU_DAMP, TAU_CLIP, TAU_MIN, TAU_MAX = 1.0, 0.5, math.log(10), 1e-3, 1e5
+PATH_PATIENCE = 1  # the τ path: each τ stops after its first epoch without a better validation
 
 
 def arg(default, help: str):
@@ -236,9 +235,8 @@ def evidence_tau(model: BoRA, curvature: dict, tau: float, tokens_per_doc: float
     for path, m in model.adapted.items():
         for theta, mean, h in zip((m.A, m.B), (m.A_mean, m.B_mean), curvature[path]):
             u = (h / (h + tau_tokens)).double()  # (D, ...)
-            weight = u if EB_WEIGHT else 1.0
-            gamma += (weight * (u - u.square() / u.sum(0).clamp(min=1e-300))).sum().item()
-            spread += (weight * (theta - mean).double().square()).sum().item()
+            gamma += (u.sum(0) - u.square().sum(0) / u.sum(0).clamp(min=1e-300)).sum().item()
+            spread += (theta - mean).double().square().sum().item()
     return gamma / max(spread, 1e-300) / tokens_per_doc
 
 
@@ -291,7 +289,8 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
 
 # ---- The run ----
 
-def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
+def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
+    """One run; `branch` (the τ path): go on from that last.pt's epoch, at this run's τ, with its own best."""
     # the device, the data, the model, the optimiser
     device, out = pick_device(cfg.device), Path(cfg.out)
     # README: Memory; under torchrun at most batch / N, so that every rank has passes to make (data.rank_share)
@@ -307,37 +306,39 @@ def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
     auto = cfg.tau == "auto"
     lora = LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets)
     model = BoRA(gpt, meta["tasks"], lora, shared=not auto and math.isinf(float(cfg.tau))).to(device).train()
-    if warm_start is not None and not cfg.resume:
-        start_from(model, warm_start)
+    if branch is not None and not cfg.resume:
+        start_from(model, branch)
     if cfg.compile:
         model.compile()  # in place: checkpoints still save the module's own parameters
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 
     # the loop's state: fresh, or where last.pt left it
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the document order, one permutation per epoch
+    n_bar = float(scored_tokens(train_split, cfg.block_size).mean())  # scored tokens per training document
+    tokens_per_doc = n_bar if cfg.likelihood == "doc-mean" else 1.0  # per term of the likelihood: τ's scale
     if cfg.resume:
         state, curvature = resume(cfg, model, meta, opt)
     else:
         state = dict(epoch=0, step=0, done_in_epoch=0, epoch_rng=shuffle.get_state(), best_ll=-math.inf,
-                     best_epoch=0, bad_epochs=0, tau=TAU_START if auto else float(cfg.tau))
+                     best_epoch=0, bad_epochs=0, tau=TAU_START * n_bar / tokens_per_doc if auto else float(cfg.tau))
         curvature = {path: (torch.zeros_like(m.A), torch.zeros_like(m.B)) for path, m in model.adapted.items()
                      } if auto else None  # each task's empirical Fisher over the current epoch
         for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite and RANK == 0 else ():
             (out / old).unlink(missing_ok=True)  # only now, once data and model are known to load
-        if warm_start is not None:  # epoch 0 is the start itself, validated already
-            state.update(epoch=1, best_ll=warm_start.val["ll_task_avg"])
-            if RANK == 0:
-                checkpoint(cfg, model, meta, 0, warm_start.val, state["tau"]).save(out / "ckpt.pt")
+        if branch is not None:  # on from the branch point: its epoch, document order, optimiser and RNG
+            state.update(branch.resume["state"], best_ll=-math.inf, best_epoch=0, bad_epochs=0, tau=state["tau"])
+            if model.shared == branch.shared:  # else the adapters' shapes differ: a fresh AdamW
+                opt.load_state_dict(branch.resume["optimizer"])
+            torch.set_rng_state(branch.resume["rng"])
     if RANK == 0:
         (out / "args.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n")
     for m in model.adapted.values():
         m.keep_rows = auto  # per-document gradients for the curvature
-    tokens_per_doc = float(scored_tokens(train_split, cfg.block_size).mean()) if cfg.likelihood == "doc-mean" else 1.0
     S = math.ceil(len(train_split) / cfg.batch_size)  # steps per epoch
     log(out, f"{len(meta['tasks'])} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau} "
         f"lr={cfg.lr:g} | " + "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device +
         (f", rank 0 of {WORLD_SIZE} (torchrun)" if dist.is_initialized() else ""), kind="start", world_size=WORLD_SIZE,
-        start=warm_start and str(Path(warm_start.args["out"]) / "ckpt.pt"), **asdict(cfg))
+        branch=branch and branch.args["out"], **asdict(cfg))
 
     try:
         t0, steps0, shown, saved_at = time.time(), state["step"], time.time(), time.time()
@@ -405,41 +406,38 @@ def train(cfg: TrainConfig, warm_start: Checkpoint | None = None) -> None:
 # ---- The τ path: every τ of a list, each starting where the one before ended ----
 
 def train_path(cfg: TrainConfig, taus: list[float]) -> None:
-    """The τ path in one command. First an ordinary run with τ = auto (the evidence's estimate); then every
-    listed τ, nearest to auto's first, each starting from the trained neighbour between it and auto's τ, so
-    that it needs an epoch or two instead of a whole run. OUT/auto/ and OUT/tau_<τ>/ hold the runs;
-    OUT/ckpt.pt is the listed τ with the best task-averaged validation log-likelihood (the papers' choice)."""
+    """The τ path in one command. Every τ shares one first epoch, trained at the smallest τ > 0 of the list
+    (where the tasks move most freely); then each τ goes on from it, adapters, optimiser and all, at its own
+    τ, until its validation stops improving (patience 1). So a τ costs an epoch or a few, not a whole run,
+    and every τ's model is trained at that τ. OUT/first/ and OUT/tau_<τ>/ hold the runs; OUT/ckpt.pt is the
+    τ with the best task-averaged validation log-likelihood (the papers' choice)."""
     out = Path(cfg.out)
     for old in ("ckpt.pt", "log.jsonl") if not cfg.resume and RANK == 0 else ():
         (out / old).unlink(missing_ok=True)
-    log(out, f"tau path {', '.join(f'{t:g}' for t in taus)}: auto first, then each from its neighbour", kind="path",
-        taus=taus)
+    first_tau = min([t for t in taus if 0 < t < math.inf] or [1.0])
+    log(out, f"tau path {', '.join(f'{t:g}' for t in taus)}: a first epoch at tau={first_tau:g}, then each tau from it",
+        kind="path", taus=taus)
 
-    def run(tau: str, folder: str, start: Checkpoint | None, patience: int) -> Checkpoint:
-        one = replace(cfg, tau=tau, out=str(out / folder), overwrite=True, patience=min(cfg.patience, patience))
+    def run(folder: str, branch: Checkpoint | None, **changes) -> None:
+        one = replace(cfg, out=str(out / folder), overwrite=True, **changes)
         if not finished(Path(one.out)):
             Path(one.out).mkdir(exist_ok=True)
-            train(replace(one, resume=cfg.resume and (Path(one.out) / "last.pt").exists()), start)
+            train(replace(one, resume=cfg.resume and (Path(one.out) / "last.pt").exists()), branch)
         if dist.is_initialized():
-            dist.barrier()  # rank 0's last ckpt.pt is on disk before any rank reads it
-        return Checkpoint.load(Path(one.out) / "ckpt.pt")
+            dist.barrier()  # rank 0's files are on disk before any rank reads them
 
-    place = lambda tau: math.log(min(max(tau, TAU_MIN), TAU_MAX))  # noqa: E731  0 and ∞ at the ends of the scale
-    centre = run("auto", "auto", None, cfg.patience)
-    trained, rows = [(place(centre.tau), centre)], []
-    for tau in sorted(taus, key=lambda t: abs(place(t) - place(centre.tau))):
-        start = min(trained, key=lambda row: abs(row[0] - place(tau)))[1]  # on the way from auto's τ: nearest first
-        ckpt = run(f"{tau:g}", f"tau_{tau:g}", start, PATH_PATIENCE)
-        trained.append((place(tau), ckpt))
-        rows.append((tau, ckpt))
+    run("first", None, tau=f"{first_tau:g}", max_epochs=1)
+    first, rows = Checkpoint.load(out / "first" / "last.pt"), []
+    for tau in taus:
+        run(f"tau_{tau:g}", first, tau=f"{tau:g}", patience=PATH_PATIENCE)
+        rows.append((tau, Checkpoint.load(out / f"tau_{tau:g}" / "ckpt.pt")))
     best_tau, best = max(rows, key=lambda row: row[1].val["ll_task_avg"])
     if RANK == 0:
         best.save(out / "ckpt.pt")
     table = "\n".join(f"  tau={tau:<8g} best epoch {c.epoch:<3} validation ppl {c.val['ppl_task_avg']:.3f}"
                       + ("  <- selected" if tau == best_tau else "") for tau, c in sorted(rows))
-    log(out, f"tau path (auto: {centre.tau:.3g}, validation ppl {centre.val['ppl_task_avg']:.3f}), task-averaged validation "
-        f"perplexity:\n{table}\nselected tau={best_tau:g}: {out / 'ckpt.pt'}; evaluate with: python eval.py "
-        f"{out / 'ckpt.pt'}", kind="path done", tau=best_tau, auto=centre.tau,
+    log(out, f"tau path, task-averaged validation perplexity:\n{table}\nselected tau={best_tau:g}: {out / 'ckpt.pt'}; "
+        f"evaluate with: python eval.py {out / 'ckpt.pt'}", kind="path done", tau=best_tau,
         val={f"{tau:g}": c.val["ppl_task_avg"] for tau, c in rows})
 
 
