@@ -60,6 +60,8 @@ class WorldConfig:
     seed: int = 0  # the tasks: S, Δ_d, their documents (task worlds can share one base)
 
 
+WORLDS = {"related": {}, "identical": dict(task_scale=0.0), "unrelated": dict(shared_scale=0.0)}  # the extremes: τ = ∞, τ = 0
+
 # The test suite's world: 60 words, ~6-word documents, 4 tasks of 3 to 81 training documents
 QUICK = WorldConfig(sizes=(3, 9, 27, 81), n_words=60, base_scale=3.0, shared_scale=2.0, task_scale=1.3,
                     end_prob=0.15, base_docs=3000, base_steps=300)
@@ -285,22 +287,26 @@ def train_argv(data: Path, base: Path, out: Path, tau: str, a: argparse.Namespac
 
 
 def run_tau(data: Path, base: Path, out: Path, tau: str, a: argparse.Namespace, threads: int = 1) -> dict:
-    """train.py, then eval.py --json: eval's numbers plus the lr used and how training ended."""
+    """train.py, then eval.py --json: eval's numbers plus how training ended and how long it took."""
+    started = time.time()
     run([sys.executable, str(ROOT / "train.py"), *train_argv(data, base, out, tau, a)], threads)
-    result = json.loads(run([sys.executable, str(ROOT / "eval.py"), str(out / "ckpt.pt"), "--json"], threads))
-    done = json.loads((out / "log.jsonl").read_text().splitlines()[-1])  # the "done" record
-    return {**result["checkpoints"][0], "lr": json.loads((out / "args.json").read_text())["lr"],
-            "epochs_run": done["epoch"] - 1}  # the epoch it would have run next
+    wall = time.time() - started
+    result = json.loads(run([sys.executable, str(ROOT / "eval.py"), str(out / "ckpt.pt"), "--json", "--bootstrap", "0"],
+                            threads))
+    done = json.loads((out / "log.jsonl").read_text().splitlines()[-1])  # "done", or the τ path's "path done"
+    return {**result["checkpoints"][0], "name": "path" if "," in tau else "auto" if tau == "auto" else None,
+            "epochs_run": done.get("epoch", 1) - 1, "wall": wall}  # the epoch it would have run next
 
 
 def sweep(data: Path, base: Path, out: Path, a: argparse.Namespace, t0: float) -> list[dict]:
-    """Every τ, `jobs` runs side by side with one thread each when cores are few: ops this small
-    scale badly over threads, and two threads stall whenever one core is busy elsewhere."""
-    taus = a.taus.split(",")
+    """Every τ, then auto and the τ path (one command over the same τ), `jobs` runs side by side with one
+    thread each when cores are few: ops this small scale badly over threads, and two threads stall whenever
+    one core is busy elsewhere."""
+    taus = a.taus.split(",") + ["auto"] * a.auto + [a.taus] * a.path
     jobs = max(1, min(a.jobs, len(taus)))
 
     def one(tau: str) -> dict:
-        r = run_tau(data, base, out / f"tau{tau}", tau, a, max(1, (os.cpu_count() or 1) // jobs))
+        r = run_tau(data, base, out / ("path" if "," in tau else f"tau{tau}"), tau, a, max(1, (os.cpu_count() or 1) // jobs))
         print(f"tau={tau}: task-avg test ppl {r['overall']['ppl_task_avg']:.3f} ({time.time() - t0:.0f} s)", flush=True)
         return r
 
@@ -315,13 +321,18 @@ def print_table(rows: list[dict], refs: dict[str, list[float]], bayes: list[floa
     def excess(ll: list[float]) -> str:  # perplexity above the Bayes perplexity, smallest and largest task
         return "".join(f"{math.exp(-ll[d]) - math.exp(-bayes[d]):>+{w}.3f}" for d, w in ((0, 17), (-1, 8)))
 
-    print(f"\n{'':<30}{'lr':>7}{'best epoch':>11}{'task-avg ppl':>13}{'Bayes ppl':>10}{'excess: smallest':>17}{'largest':>8}")
+    fixed = sorted(r["wall"] for r in rows if r["name"] is None)
+    one_run = fixed[len(fixed) // 2]  # the median fixed-τ run
+    print(f"\n{'':<22}{'wall':>8}{'best epoch':>12}{'task-avg ppl':>13}{'Bayes ppl':>10}{'excess: smallest':>17}"
+          f"{'largest':>8}")
     for r in rows:
-        ll = [t["ll"] for t in r["tasks"]]
-        print(f"{'tau=' + format(float(r['tau']), 'g'):<30}{r['lr']:>7.0e}{r['epoch']:>6} of {r['epochs_run']:<3}"
+        ll, tau = [t["ll"] for t in r["tasks"]], format(float(r["tau"]), ".3g")
+        name = f"tau={tau}" if r["name"] is None else f"{r['name']} (tau={tau})"
+        print(f"{name:<22}{r['wall'] / one_run:>7.2f}x{r['epoch']:>6} of {r['epochs_run']:<4}"
               f"{task_avg_ppl(ll):>13.3f}{best:>10.3f}" + excess(ll))
     for name, ll in refs.items():
         print(f"{name:<48}{task_avg_ppl(ll):>13.3f}{best:>10.3f}" + excess(ll))
+    print(f"wall: relative to the median fixed-tau run ({one_run:.0f} s); the path's best epoch counts its shared first")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -335,12 +346,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="τ runs side by side")
     p.add_argument("--quick", action="store_true", help="the test suite's much smaller world")
+    p.add_argument("--world", choices=sorted(WORLDS), default="related",
+                   help="related: a shared and a task-specific shift; identical: no task-specific shift; unrelated: no "
+                        "shared shift")
+    p.add_argument("--no-auto", dest="auto", action="store_false", help="do not add a --tau auto run")
+    p.add_argument("--no-path", dest="path", action="store_false", help="do not add the τ path (--tau with every τ)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     a, t0 = parse_args(argv), time.time()
-    world = make_world(replace(QUICK if a.quick else WorldConfig(), seed=a.seed, base_seed=a.seed))
+    world = make_world(replace(QUICK if a.quick else WorldConfig(), seed=a.seed, base_seed=a.seed, **WORLDS[a.world]))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     test = load_split(data := prepare(world, out), "test")
