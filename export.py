@@ -7,6 +7,10 @@ an ordinary GPT-2 that needs neither this project's LoRA code nor task ids; `--t
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 from pathlib import Path
 
 from bora import load_checkpoint
@@ -21,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder to write (config.json + model.safetensors)")
     p.add_argument("--force", action="store_true", help="write into an existing, non-empty folder")
     a = p.parse_args(argv)
-    with one_line_errors():
+    with one_line_errors(f"interrupted: {a.out} may hold part of the export"):
         if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir()) and not a.force):
             raise ValueError(f"--out {a.out} exists and is not an empty folder; choose another, or pass --force to "
                              "replace its config.json and model.safetensors")
