@@ -11,17 +11,23 @@ every task counts once, as in the papers' tables.
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import math
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from bora import BoRA, load_checkpoint
 from cli import ArgumentParser, one_line_errors, pick_device, to_json
-from data import Split, forward_passes, load_meta, load_split
+from data import Split, forward_passes, load_meta, load_split, require_scored
+from files import writing
 
 
 @torch.no_grad()
@@ -45,8 +51,10 @@ def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, dev
             print(f"{label}: {done}/{len(split)} docs, {rate:.1f} docs/s, {(len(split) - done) / rate:.0f} s left",
                   file=sys.stderr, flush=True)
     model.train(was_training)
-    ll = (-nll / tokens.clamp(min=1)).tolist()
-    token_ll, task_ll = -nll.sum().item() / max(tokens.sum().item(), 1), sum(ll) / len(ll)
+    if (tokens == 0).any():  # exp(0 / 0) is no perplexity: refuse rather than report 1.0
+        raise ValueError(f"{label}: task {model.task_names[int(tokens.argmin())]!r} has no scored token")
+    ll = (-nll / tokens).tolist()
+    token_ll, task_ll = -nll.sum().item() / tokens.sum().item(), sum(ll) / len(ll)
     return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": tokens.tolist(),
             "ll_token_weighted": token_ll, "ppl_token_weighted": math.exp(-token_ll),
             "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
@@ -61,6 +69,7 @@ def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None,
         raise ValueError(f"{data} is not the dataset {path} was trained on (its documents or splits differ: prepared "
                          f"from another source, --seed or --split?); pass the right folder with --data")
     s = load_split(data, split)
+    require_scored(s, model.task_names, ckpt.args["block_size"], split)
     m = evaluate(model, s, ckpt.args["block_size"], batch_size, device,
                  label=f"{path} {split}")  # float32 on every device: these are the numbers we report
     columns = dict(task=model.task_names, train_docs=ckpt.train_sizes, docs=np.bincount(s.task_ids,
@@ -135,7 +144,8 @@ def plot(results: list[dict], file: str) -> None:
     ax.set(xlabel="τ (prior precision)", ylabel=f"{rs[0]['split']} perplexity")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    with writing(Path(file).parent, file):
+        fig.savefig(file, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
