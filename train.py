@@ -14,12 +14,15 @@ The validation numbers come from eval.py's `evaluate`, the one that eval.py repo
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import json
 import math
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -27,9 +30,10 @@ from typing import Iterator
 import torch
 
 from bora import BoRA, Checkpoint, LoRAConfig
-from cli import ArgumentParser, jsonable, one_line_errors, pick_device
-from data import forward_passes, load_meta, load_split
+from cli import ArgumentParser, interrupts, jsonable, one_line_errors, pick_device
+from data import forward_passes, load_meta, load_split, require_scored
 from eval import evaluate
+from files import append_line, atomic_write
 from gpt2 import GPT
 
 try:
@@ -76,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         kind = {"action": "store_true"} if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kind)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
-    valid = dict(tau=cfg.tau >= 0, lr=cfg.lr > 0, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
+    valid = dict(tau=cfg.tau >= 0, lr=0 < cfg.lr < math.inf, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
+                 rank=cfg.rank >= 1, alpha=math.isfinite(cfg.alpha), dropout=0 <= cfg.dropout < 1,
                  block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, micro_batch=cfg.micro_batch >= 0,
                  max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1, save_every=cfg.save_every > 0,
                  dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
@@ -163,17 +168,17 @@ def checkpoint(cfg: TrainConfig, model: BoRA, meta: dict, epoch: int, val: dict,
                             task_prompt=meta["task_prompt"])
 
 
-def save_last(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer, state: dict) -> None:
+def save_last(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer, state: dict,
+              rng: torch.Tensor) -> None:
     """last.pt: ckpt.pt's contents, plus what --resume needs to go on exactly (optimiser, RNG, loop state)."""
-    resume_state = dict(state=state, optimizer=opt.state_dict(), rng=torch.get_rng_state())
+    resume_state = dict(state=state, optimizer=opt.state_dict(), rng=rng)
     checkpoint(cfg, model, meta, state["epoch"] - 1, {}, resume_state).save(Path(cfg.out) / "last.pt")
 
 
 def log(out: Path, text: str, /, **record) -> None:
     """A line on stdout, and the same record in log.jsonl."""
     print(text, flush=True)
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(jsonable(record)) + "\n")
+    append_line(out / "log.jsonl", json.dumps(jsonable(record)))
 
 
 def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer) -> dict:
@@ -203,6 +208,8 @@ def train(cfg: TrainConfig) -> None:
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
     meta, train_split, val_split = load_meta(cfg.data), load_split(cfg.data, "train"), load_split(cfg.data, "val")
+    for name, split in (("train", train_split), ("val", val_split)):
+        require_scored(split, meta["tasks"], cfg.block_size, name)  # a perplexity over no tokens is not one
     gpt = GPT.from_pretrained(cfg.init)
     if cfg.block_size > gpt.config.block_size:
         raise ValueError(f"--block-size {cfg.block_size} exceeds {cfg.init}'s {gpt.config.block_size} positions")
@@ -212,6 +219,7 @@ def train(cfg: TrainConfig) -> None:
     if cfg.compile:
         model.compile()  # in place: checkpoints still save the module's own parameters
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    opt.register_step_pre_hook(lambda *_: interrupts.hold())  # an update once begun ends before Ctrl-C stops us
 
     # the loop's state: fresh, or where last.pt left it
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the document order, one permutation per epoch
@@ -222,7 +230,8 @@ def train(cfg: TrainConfig) -> None:
                      best_epoch=0, bad_epochs=0)
         for old in ("ckpt.pt", "last.pt", "log.jsonl") if cfg.overwrite else ():
             (out / old).unlink(missing_ok=True)  # only now, once data and model are known to load
-    (out / "args.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n")
+    atomic_write(out / "args.json", lambda tmp: tmp.write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n"))
+    rng = torch.get_rng_state()  # dropout's stream where `state` stands: an interrupted step is redone from it
     S = math.ceil(len(train_split) / cfg.batch_size)  # steps per epoch
     log(out, f"{len(meta['tasks'])} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau:g} "
         f"lr={cfg.lr:g} | " + "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device,
@@ -239,6 +248,8 @@ def train(cfg: TrainConfig) -> None:
                 passes = forward_passes(train_split, batches[i], cfg.block_size, cfg.micro_batch, device)
                 nll, prior_term = train_step(model, opt, passes, S, cfg.tau, cfg.likelihood, autocast)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
+                rng = torch.get_rng_state()
+                interrupts.release()  # a Ctrl-C that came during the update stops us here, the step counted
                 per_step = (time.time() - t0) / (state["step"] - steps0)
                 if state["step"] - steps0 == 3:  # enough steps to say how long this will take
                     epoch_time, run_time = (f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
@@ -251,32 +262,34 @@ def train(cfg: TrainConfig) -> None:
                         prior_term=prior_term)
                     shown = time.time()  # a train line every 30 s at most
                 if time.time() - saved_at > 60 * cfg.save_every:
-                    save_last(cfg, model, meta, opt, state)
+                    save_last(cfg, model, meta, opt, state, rng)
                     saved_at = time.time()
 
             # validation: every task's perplexity; ckpt.pt keeps the best epoch, patience counts the others
             m = evaluate(model, val_split, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val")
             if improved := m["ll_task_avg"] > state["best_ll"]:
                 checkpoint(cfg, model, meta, epoch, m).save(out / "ckpt.pt")
-                state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)
-            state.update(bad_epochs=0 if improved else state["bad_epochs"] + 1)
+            bad_epochs = 0 if improved else state["bad_epochs"] + 1
             per_task = "  ".join(f"{name} {p:.2f}" for name, p in zip(meta["tasks"], m["ppl"]))
             log(out, f"epoch {epoch} val: ppl {m['ppl_task_avg']:.3f} task-averaged, {m['ppl_token_weighted']:.3f} "
                 f"token-weighted | {per_task} | " + ("saved ckpt.pt" if improved else
-                                                   f"no better for {state['bad_epochs']} epoch(s)"),
+                                                   f"no better for {bad_epochs} epoch(s)"),
                 kind="val", epoch=epoch, improved=improved, **m)
-            state.update(epoch=epoch + 1, done_in_epoch=0, epoch_rng=shuffle.get_state())
+            best = dict(best_ll=m["ll_task_avg"], best_epoch=epoch) if improved else {}
+            state.update(epoch=epoch + 1, done_in_epoch=0, epoch_rng=shuffle.get_state(), bad_epochs=bad_epochs,
+                         **best)  # in one update: an interrupt before it has the validation redone, whole
             if epoch > 0:
-                save_last(cfg, model, meta, opt, state)
+                save_last(cfg, model, meta, opt, state, rng)
+        log(out, f"done: best epoch {state['best_epoch']}, validation ppl {math.exp(-state['best_ll']):.3f} "
+            f"(task-averaged); evaluate with: python eval.py {out / 'ckpt.pt'}", kind="done", **state)
     except FloatingPointError as e:  # train_step's, raised before the step: the weights are still sane
         raise ValueError(f"{e} at step {state['step'] + 1} (epoch {state['epoch']}): training diverged; try a smaller "
                          f"--lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
     except KeyboardInterrupt:
-        save_last(cfg, model, meta, opt, state)
+        interrupts.hold()  # a second Ctrl-C waits for last.pt to be whole
+        save_last(cfg, model, meta, opt, state, rng)
         sys.exit(f"interrupted at epoch {state['epoch']}, step {state['done_in_epoch']}/{S}: saved {out / 'last.pt'}; "
                  f"continue with the same command and --resume")
-    log(out, f"done: best epoch {state['best_epoch']}, validation ppl {math.exp(-state['best_ll']):.3f} "
-        f"(task-averaged); evaluate with: python eval.py {out / 'ckpt.pt'}", kind="done", **state)
 
 
 @contextmanager
@@ -289,21 +302,35 @@ def run_folder(cfg: TrainConfig) -> Iterator[None]:
     if runs and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run ({', '.join(runs)}); continue it with --resume, "
                          f"start afresh with --overwrite, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:  # the OS drops the lock when the file closes or the process ends
-        try:
-            if fcntl:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another train.py is running in {out}; wait for it to end or choose another --out") from None
-        for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
-            stray.unlink()
-        yield
+    try:
+        with open(out / ".lock", "w") as lock:  # the OS drops the lock when the file closes or the process ends
+            try:
+                if fcntl:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another train.py is running in {out}; wait for it to end or choose another --out") from None
+            for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
+                stray.unlink()
+            try:
+                yield
+            except BaseException:  # a run that failed before saving anything leaves nothing behind
+                if not any((out / f).exists() for f in ("ckpt.pt", "last.pt")):
+                    for f in ("args.json", "log.jsonl", ".lock"):
+                        with suppress(OSError):  # Windows keeps an open .lock: the error that ends the run says more
+                            (out / f).unlink(missing_ok=True)
+                raise
+    finally:
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    with one_line_errors(), run_folder(cfg):
+    with one_line_errors(f"interrupted before training began: nothing was saved in {cfg.out}"), run_folder(cfg):
         try:
             train(cfg)
         except torch.cuda.OutOfMemoryError:
@@ -312,5 +339,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, a scheduler's stop: saved like Ctrl-C
     main()
