@@ -271,7 +271,7 @@ def write_splits(a: argparse.Namespace, assignment: dict[int, tuple[int, int]], 
 # ---- The whole run: the folder appears only when complete ----
 
 def prepare(a: argparse.Namespace) -> dict:
-    out = Path(a.out)
+    out = Path(a.out).resolve() if Path(a.out).is_symlink() else Path(a.out)  # a link's folder is replaced, not it
     clean_leftovers(out)
     if out.exists() and not a.force:
         raise ValueError(f"{out} already exists; add --force to replace it")

@@ -400,6 +400,16 @@ def test_existing_output_needs_force(tmp_path, enc):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_force_through_a_link_replaces_the_folder_it_points_to(tmp_path):
+    src, big = str(nasty_csv(tmp_path / "n.csv")), tmp_path / "big-disk"
+    big.mkdir()
+    main(["--csv", src, "--out", str(big / "d")])
+    (tmp_path / "d").symlink_to(big / "d")
+    main(["--csv", src, "--seed", "7", "--force", "--out", str(tmp_path / "d")])
+    assert (tmp_path / "d").is_symlink() and load_meta(big / "d")["args"]["seed"] == 7
+    assert hidden_folders(tmp_path) == hidden_folders(big) == []
+
+
 def test_interruption_leaves_no_folder(tmp_path, monkeypatch):
     src, out = str(nasty_csv(tmp_path / "n.csv")), tmp_path / "data" / "d"
     out.parent.mkdir()
