@@ -119,7 +119,8 @@ def load_split(data_dir: str | os.PathLike, split: str) -> Split:
     meta = load_meta(data_dir)
     try:
         if fingerprint(Path(data_dir), meta["tasks"]) != meta["fingerprint"]:
-            raise ValueError("its files are not those meta.json's fingerprint describes: changed or damaged")
+            raise ValueError(f"the files of {data_dir} are not those its meta.json's fingerprint describes: "
+                             "changed or damaged")
         s = Split(*(np.load(Path(data_dir, split, f"{name}.npy"), mmap_mode="r" if name == "tokens" else None)
                     for name in ARRAYS))  # the tokens can be large: mapped, not read
         check_split(s, meta, split)
@@ -158,15 +159,16 @@ def scored_tokens(split: Split, block_size: int) -> np.ndarray:
 
 def require_scored(split: Split, tasks: list[str], block_size: int, name: str) -> None:
     """Refuse a split in which a task has no token to score: its perplexity would be exp(0 / 0), not a number."""
-    per_task = np.bincount(split.task_ids, scored_tokens(split, block_size), len(tasks))
-    for t in np.flatnonzero(per_task == 0)[:1]:
-        mine = split.task_ids == t
-        if not mine.any():
-            raise ValueError(f"task {tasks[t]!r} has no documents in the {name} split; re-create the data with "
-                             "prepare_data.py, its --split giving every split a fraction > 0")
-        need = int(np.maximum(split.prompt_lens[mine], 1).min())
-        raise ValueError(f"at block size {block_size} no token of task {tasks[t]!r}'s {name} documents is scored (the "
-                         f"task prompt takes {need}); train with --block-size {need} or more")
+    unscored = np.flatnonzero(np.bincount(split.task_ids, scored_tokens(split, block_size), len(tasks)) == 0)
+    if len(unscored) == 0:
+        return
+    t, mine = unscored[0], split.task_ids == unscored[0]
+    if not mine.any():
+        raise ValueError(f"task {tasks[t]!r} has no documents in the {name} split; re-create the data with "
+                         "prepare_data.py, its --split giving every split a fraction > 0")
+    need = int(np.maximum(split.prompt_lens[mine], 1).min())  # a document scores a token once the block holds its prompt
+    raise ValueError(f"at block size {block_size} no token of task {tasks[t]!r}'s {name} documents is scored (its "
+                     f"task prompt takes {need} tokens); train with --block-size {need} or more")
 
 
 # ---- Batches: what one forward pass reads ----

@@ -262,8 +262,8 @@ def test_damaged_datasets_are_refused_saying_to_run_prepare_data_again(tmp_path)
     tokens = bytearray((d / "test" / "tokens.npy").read_bytes())
     tokens[-20:] = bytes(20)
     (d / "test" / "tokens.npy").write_bytes(bytes(tokens))
-    refused(d, "not those meta.json's fingerprint describes")
-    refused(d, "not those meta.json's fingerprint describes", "train")  # the dataset is no longer itself
+    refused(d, "not those its meta.json's fingerprint describes")
+    refused(d, "not those its meta.json's fingerprint describes", "train")  # the dataset is no longer itself
     d = damaged("empty-file")
     (d / "val" / "task_ids.npy").write_bytes(b"")
     refused(d, "fingerprint", "val")
