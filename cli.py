@@ -111,8 +111,8 @@ def one_line_errors(interrupted: str = "interrupted") -> Iterator[None]:
         sys.exit(interrupted)
     finally:
         interrupts.held = interrupts.pending = False
-        for s, handler in before.items():
-            signal.signal(s, handler)
+        for s, handler in before.items():  # in a script, the work is done or its error said: a signal during
+            signal.signal(s, signal.SIG_IGN if handler is _exit_at_once else handler)  # the exit would only cut it short
 
 
 def pick_device(name: str = "auto") -> str:

@@ -38,6 +38,21 @@ def test_an_interrupt_while_a_script_starts_is_one_line(signal_):
     assert (run.returncode, err) == (1, "interrupted\n")
 
 
+def test_a_signal_once_a_script_has_done_its_work_changes_nothing():
+    """While a finished script exits (torch's teardown takes a while), Ctrl-C or SIGTERM is ignored: it used to
+    kill the process silently (exit 143) after it had written its result."""
+    code = ("import cli, time; cli.exit_on_interrupt('__main__')\nwith cli.one_line_errors():\n    pass\n"
+            "print('done', flush=True); time.sleep(1)")
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "done\n"
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert (run.returncode, err) == (0, "")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_takes_over_interrupts_before_its_imports(script):
     lines = (ROOT / f"{script}.py").read_text().splitlines()
