@@ -16,6 +16,10 @@ every variant alike; only ratios are meant to be compared, and only within one r
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import argparse
 import copy
 import statistics
@@ -28,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bora import BoRA, LoRAConfig
-from cli import pick_device
+from cli import one_line_errors, pick_device
 from gpt2 import GPT, GPTConfig
 from lora import LoRALinear
 
@@ -172,7 +176,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with one_line_errors():
         main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")

@@ -10,6 +10,7 @@ A document is one text of one task, tokenised with GPT-2's BPE as "[task] " + te
 Nothing here knows about models."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,8 +22,10 @@ import numpy as np
 import torch
 
 FORMAT, ENCODING, SPLITS = "bora-gpt2-data/2", "gpt2", ("train", "val", "test")
+ARRAYS = ("tokens", "offsets", "task_ids", "prompt_lens")  # the files of a split, as Split holds them
 PROMPT = "[{task}]"  # what the model reads before each text (input only, never scored)
 EOT = 50256  # GPT-2's <|endoftext|>: ends every document, and pads batches (padding is never scored)
+VOCAB = EOT + 1  # token ids 0 .. EOT
 REMAKE = "re-create it with prepare_data.py (python prepare_data.py --help)"
 
 
@@ -75,8 +78,12 @@ class Split:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
+    """meta.json of a prepared folder, with every field that the readers use present."""
     path = Path(data_dir) / "meta.json"
     if not Path(data_dir).is_dir():
+        if Path(data_dir).exists():
+            raise ValueError(f"{data_dir} is a file, not a dataset folder; prepare_data.py makes one from a CSV or "
+                             f"JSONL file (--csv or --jsonl FILE --out FOLDER)")
         raise FileNotFoundError(f"data folder {data_dir} does not exist; create it with prepare_data.py --out {data_dir}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -84,18 +91,85 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{path} cannot be read ({e}); {REMAKE}") from None
     if not isinstance(meta, dict) or (meta.get("format"), meta.get("encoding")) != (FORMAT, ENCODING):
         raise ValueError(f"{path} is not a {FORMAT} dataset of the {ENCODING} encoding; {REMAKE}")
+    if not (isinstance(meta.get("tasks"), list) and all(isinstance(t, str) for t in meta["tasks"])
+            and isinstance(meta.get("task_prompt"), bool) and isinstance(meta.get("fingerprint"), str)):
+        raise ValueError(f"{path} lacks its tasks, task_prompt or fingerprint; {REMAKE}")
+    try:
+        [int(meta["counts"][s][t][k]) for s in SPLITS for t in meta["tasks"] for k in ("docs", "tokens")]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path} lacks the document counts of a split or task; {REMAKE}") from None
     return meta
 
 
+def fingerprint(folder: Path, tasks: list[str]) -> str:
+    """sha256 of the task names and every split array: the dataset's identity (which document went where)."""
+    digest = hashlib.sha256(json.dumps(tasks).encode())
+    for split in sorted(SPLITS):
+        for name in sorted(ARRAYS):
+            with open(folder / split / f"{name}.npy", "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_split(data_dir: str | os.PathLike, split: str) -> Split:
+    """A split's arrays, once the folder's files are checked against meta.json: its fingerprint (what
+    prepare_data.py wrote, bit for bit) and what it says of this split (sizes, counts, ranges)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    load_meta(data_dir)
-    try:  # the tokens can be large: mapped, not read
-        return Split(*(np.load(Path(data_dir, split, f"{name}.npy"), mmap_mode="r" if name == "tokens" else None)
-                       for name in ("tokens", "offsets", "task_ids", "prompt_lens")))
-    except (OSError, ValueError) as e:
+    meta = load_meta(data_dir)
+    try:
+        if fingerprint(Path(data_dir), meta["tasks"]) != meta["fingerprint"]:
+            raise ValueError(f"the files of {data_dir} are not those its meta.json's fingerprint describes: "
+                             "changed or damaged")
+        s = Split(*(np.load(Path(data_dir, split, f"{name}.npy"), mmap_mode="r" if name == "tokens" else None)
+                    for name in ARRAYS))  # the tokens can be large: mapped, not read
+        check_split(s, meta, split)
+    except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{data_dir}/{split} cannot be read ({e}); {REMAKE}") from None
+    return s
+
+
+def check_split(s: Split, meta: dict, split: str) -> None:
+    """What meta.json promises about the split, checked on its arrays (their fingerprint may be right for
+    arrays that were wrong when it was taken)."""
+    for name, dtype in zip(ARRAYS, ("uint16", "int64", "int64", "int64")):
+        if (array := getattr(s, name)).dtype != dtype or array.ndim != 1:
+            raise ValueError(f"{name}.npy holds {array.dtype} of shape {array.shape}, not a 1-D {dtype} array")
+    if len(s.offsets) != len(s) + 1 or len(s.prompt_lens) != len(s):
+        raise ValueError(f"offsets.npy and prompt_lens.npy do not have {len(s) + 1} and {len(s)} entries")
+    lengths = np.diff(s.offsets)
+    if s.offsets[0] != 0 or (lengths < 1).any() or s.offsets[-1] != len(s.tokens):
+        raise ValueError(f"offsets.npy does not cut the {len(s.tokens)} tokens into documents")
+    if len(s) and (s.task_ids.min() < 0 or s.task_ids.max() >= len(meta["tasks"]) or s.tokens.max() >= VOCAB
+                   or (s.prompt_lens < 0).any() or (s.prompt_lens >= lengths).any()):
+        raise ValueError("a task id, token id or prompt length is out of range")
+    tasks = meta["tasks"]
+    docs, tokens = np.bincount(s.task_ids, minlength=len(tasks)), np.bincount(s.task_ids, lengths, len(tasks))
+    if any((docs[i], tokens[i]) != (meta["counts"][split][t]["docs"], meta["counts"][split][t]["tokens"])
+           for i, t in enumerate(tasks)):
+        raise ValueError("its documents or tokens per task are not meta.json's counts")
+
+
+def scored_tokens(split: Split, block_size: int) -> np.ndarray:
+    """(n_docs,) how many targets of each document make_batch scores: its first block_size + 1 tokens are
+    read, and the targets inside the prompt are not scored."""
+    read = np.minimum(np.diff(split.offsets), block_size + 1)
+    return np.maximum(read - np.maximum(split.prompt_lens, 1), 0)
+
+
+def require_scored(split: Split, tasks: list[str], block_size: int, name: str) -> None:
+    """Refuse a split in which a task has no token to score: its perplexity would be exp(0 / 0), not a number."""
+    unscored = np.flatnonzero(np.bincount(split.task_ids, scored_tokens(split, block_size), len(tasks)) == 0)
+    if len(unscored) == 0:
+        return
+    t, mine = unscored[0], split.task_ids == unscored[0]
+    if not mine.any():
+        raise ValueError(f"task {tasks[t]!r} has no documents in the {name} split; re-create the data with "
+                         "prepare_data.py, its --split giving every split a fraction > 0")
+    need = int(np.maximum(split.prompt_lens[mine], 1).min())  # a document scores a token once the block holds its prompt
+    raise ValueError(f"at block size {block_size} no token of task {tasks[t]!r}'s {name} documents is scored (its "
+                     f"task prompt takes {need} tokens); train with --block-size {need} or more")
 
 
 # ---- Batches: what one forward pass reads ----
@@ -114,13 +188,6 @@ def make_batch(split: Split, doc_ids: list[int], block_size: int, device: str
         y[row, :max(split.prompt_lens[i] - 1, 0)] = -1
     t = torch.as_tensor(split.task_ids[doc_ids])
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), t.to(device)
-
-
-def scored_tokens(split: Split, block_size: int) -> np.ndarray:
-    """(n_docs,) the number of targets make_batch scores in each document: its tokens after the prompt,
-    within the first block_size + 1."""
-    length = np.minimum(np.diff(split.offsets), block_size + 1) - 1  # the targets doc[1:], cut to block_size
-    return length - np.minimum(np.maximum(split.prompt_lens - 1, 0), length)
 
 
 def forward_passes(split: Split, doc_ids: list[int], block_size: int, docs_per_pass: int, device: str

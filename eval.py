@@ -11,10 +11,15 @@ every task counts once, as in the papers' tables.
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import math
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +27,8 @@ import torch.distributed as dist
 
 from bora import BoRA, load_checkpoint
 from cli import ArgumentParser, all_sum, one_line_errors, pick_device, to_json
-from data import Split, load_meta, load_split, make_batch, rank_share
+from data import Split, load_meta, load_split, make_batch, rank_share, require_scored
+from files import writing
 
 
 @torch.no_grad()
@@ -52,12 +58,15 @@ def score_documents(model: BoRA, split: Split, block_size: int, docs_per_pass: i
     return nll, tokens
 
 
-def summarise(nll: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tasks: int) -> dict:
+def summarise(nll: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tasks: int, task_names=None) -> dict:
     """Mean log-likelihood per token and perplexity: per task, token-weighted (every token counts once: big
     tasks dominate) and averaged over tasks (every task counts once: the papers' tables)."""
     task_nll, task_tokens = np.bincount(task_ids, nll, num_tasks), np.bincount(task_ids, tokens, num_tasks)
-    ll = (-task_nll / np.maximum(task_tokens, 1)).tolist()
-    token_ll, task_ll = float(-task_nll.sum() / max(task_tokens.sum(), 1)), sum(ll) / len(ll)
+    if (task_tokens == 0).any():  # exp(0 / 0) is no perplexity: refuse rather than report 1.0
+        empty = int(task_tokens.argmin())
+        raise ValueError(f"task {task_names[empty] if task_names else empty!r} has no scored token to measure")
+    ll = (-task_nll / task_tokens).tolist()
+    token_ll, task_ll = float(-task_nll.sum() / task_tokens.sum()), sum(ll) / len(ll)
     return {"ll": ll, "ppl": [math.exp(-v) for v in ll], "tokens": task_tokens.astype(int).tolist(),
             "ll_token_weighted": token_ll, "ppl_token_weighted": math.exp(-token_ll),
             "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
@@ -67,7 +76,7 @@ def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, dev
              label: str = "eval") -> dict:
     """summarise(score_documents(...)): the numbers eval.py reports; train.py validates with this same function."""
     nll, tokens = score_documents(model, split, block_size, docs_per_pass, device, autocast, label)
-    return summarise(nll, tokens, split.task_ids, len(model.task_names))
+    return summarise(nll, tokens, split.task_ids, len(model.task_names), model.task_names)
 
 
 # ---- How sure: a bootstrap over documents ----
@@ -98,9 +107,9 @@ def interval(values: np.ndarray) -> list:
 
 
 def report(nll: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tasks: int, samples: int = 1000,
-           seed: int = 0) -> dict:
+           seed: int = 0, task_names: list[str] | None = None) -> dict:
     """summarise() with 95 % intervals for every perplexity; "bootstrap" keeps the resampled log-likelihoods."""
-    m = summarise(nll, tokens, task_ids, num_tasks)
+    m = summarise(nll, tokens, task_ids, num_tasks, task_names)
     if not samples:
         return {**m, "ppl_interval": [None] * num_tasks, "bootstrap": None}
     boot = bootstrap_ll(nll, tokens, task_ids, resampled_documents(task_ids, samples, seed), num_tasks)
@@ -118,9 +127,10 @@ def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None,
         raise ValueError(f"{data} is not the dataset {path} was trained on (its documents or splits differ: prepared "
                          f"from another source, --seed or --split?); pass the right folder with --data")
     s, D = load_split(data, split), len(model.task_names)
+    require_scored(s, model.task_names, ckpt.args["block_size"], split)
     nll, tokens = score_documents(model, s, ckpt.args["block_size"], batch_size, device,
                                   label=f"{path} {split}")  # float32 on every device: these are the numbers we report
-    m = report(nll, tokens, s.task_ids, D, samples, seed)
+    m = report(nll, tokens, s.task_ids, D, samples, seed, model.task_names)
     columns = dict(task=model.task_names, train_docs=ckpt.train_sizes, docs=np.bincount(s.task_ids, minlength=D).tolist(),
                    tokens=m["tokens"], ll=m["ll"], ppl=m["ppl"], ppl_interval=m["ppl_interval"],
                    distance=model.distances().tolist())  # ‖θ_d − Θ‖ over all adapted layers (0 when τ = ∞)
@@ -223,7 +233,8 @@ def plot(results: list[dict], file: str) -> None:
     ax.set(xlabel="τ (prior precision)", ylabel=f"{rs[0]['split']} perplexity")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    fig.savefig(file, dpi=120)
+    with writing(Path(file).parent, file):
+        fig.savefig(file, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:

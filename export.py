@@ -12,6 +12,10 @@ and runs batches that mix them (adapter_names=); LoRAX serves them. Written with
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import json
 from pathlib import Path
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                                                            "--peft: one folder per adapter)")
     p.add_argument("--force", action="store_true", help="write into an existing, non-empty folder")
     a = p.parse_args(argv)
-    with one_line_errors():
+    with one_line_errors(f"interrupted: {a.out} may hold part of the export"):
         if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir()) and not a.force):
             raise ValueError(f"--out {a.out} exists and is not an empty folder; choose another, or pass --force to "
                              "replace the files this export writes")

@@ -10,14 +10,20 @@ and choose rows without holding any text), then the chosen rows are tokenised. T
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import argparse
 import csv
+import glob
 import gzip
 import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -28,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import ArgumentParser, one_line_errors
-from data import ENCODING, FORMAT, SPLITS, encode_documents, gpt2_encoding
-from files import hub_file
+from cli import ArgumentParser, one_line_errors, uninterrupted
+from data import ENCODING, FORMAT, SPLITS, encode_documents, fingerprint, gpt2_encoding
+from files import exchange, hub_file, writing
 
 # ---- Presets: where a corpus comes from and how its tasks are chosen ----
 
@@ -46,6 +52,8 @@ PRESETS = {
     # 200 and fewer than 1000 (by raw rep_name), named in lower case without dots, the first 25 by name.
     "talkofnorway": dict(text_col="text", task_col="rep_name", min_chars=40, min_docs=200, max_docs=1000, num_tasks=25),
 }
+RESERVED = "global"  # bora.GLOBAL_NAME, sample.py's and export.py's name for the shared mean Θ: no task's
+DUPLICATE = "exact duplicate of an earlier text of its task"
 DEFAULTS = dict(text_col="text", task_col="task", min_chars=0, labels=None)
 ONLY = {"min_task_size": ("spotify",), "total": ("spotify", None, "emotion"), "num_tasks": ("talkofnorway",),
         "min_docs": ("talkofnorway",), "max_docs": ("talkofnorway",), "tasks": (None, "emotion"),
@@ -118,10 +126,11 @@ def columns(path: Path, header: list[str], a: argparse.Namespace) -> tuple[int, 
     return header.index(a.text_col), header.index(a.task_col)
 
 
-def index_rows(a: argparse.Namespace) -> tuple[dict[str, list[int]], dict]:
-    """The usable rows of each task (row numbers in file order) and a report of the rows read, usable and
-    dropped. A text is kept only as a hash, to find exact duplicates within its task."""
-    stats, dropped, rows_of, seen = Counter(), Counter(), {}, set()
+def index_rows(a: argparse.Namespace) -> tuple[dict[str, list[tuple[int, bytes]]], dict]:
+    """(row number, hash of its text) of every usable row of each task name in the source, duplicates
+    included, and a report of the rows read and dropped. A text is kept only as a hash, to find exact
+    duplicates once the tasks are known (distinct)."""
+    stats, dropped, rows_of = Counter(), Counter(), {}
 
     def blank(value: str | None) -> bool:  # missing: None, only whitespace, or "nan" as pandas writes an empty cell
         return value is None or not value.strip() or (len(value) < 8 and value.strip().lower() == "nan")
@@ -130,18 +139,51 @@ def index_rows(a: argparse.Namespace) -> tuple[dict[str, list[int]], dict]:
         reason = ("empty text" if blank(text) else "no task" if blank(task)
                   else f"text shorter than {a.min_chars} characters" if len(text) < a.min_chars else None)
         if reason is None:
-            task = task.strip()
-            if (key := hashlib.blake2b(f"{task}\0{text}".encode(), digest_size=8).digest()) not in seen:
-                seen.add(key)
-                rows_of.setdefault(task, []).append(row)
-                continue
-            reason = "exact duplicate of an earlier text of its task"
-        dropped[reason] += 1
+            rows_of.setdefault(task.strip(), []).append((row, hashlib.blake2b(text.encode(), digest_size=8).digest()))
+        else:
+            dropped[reason] += 1
     if stats["short"]:
         dropped["fewer fields than the header"] = stats["short"]
     usable = sum(map(len, rows_of.values()))
     return rows_of, {"read": usable + sum(dropped.values()), "usable": usable, "dropped": dict(dropped),
                      "invalid_utf8_replaced": stats["invalid_utf8"]}
+
+
+def distinct(rows_of: dict[str, list[tuple[int, bytes]]], task_of: dict[str, str]
+             ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """{task: its rows in file order, each exact duplicate of an earlier text of the task left out}, and {task:
+    its rows, duplicates included}. Several names in the source may form one task (talkofnorway): the
+    duplicates are found across all of them."""
+    merged: dict[str, list[tuple[int, bytes]]] = {}
+    for name, rows in rows_of.items():
+        if name in task_of:
+            merged.setdefault(task_of[name], []).extend(rows)
+    kept = {}
+    for task, rows in merged.items():
+        kept[task], seen = [], set()
+        for row, text in sorted(rows):  # in file order: the first of equal texts stays
+            if text not in seen:
+                seen.add(text)
+                kept[task].append(row)
+    return kept, {task: len(rows) for task, rows in merged.items()}
+
+
+def speakers(rows_of: dict[str, list[tuple[int, bytes]]], a: argparse.Namespace) -> dict[str, str]:
+    """talkofnorway's tasks as the paper's code chose them: {name in the source: task}. Speakers are counted
+    by raw name over all their speeches (of >= --min-chars characters, repeats included), kept with more
+    than --min-docs and fewer than --max-docs, named in lower case without dots ("Abid Q. Raja" -> "abid q
+    raja"), and the first --num-tasks taken by name."""
+    raws: dict[str, list[str]] = {}
+    for raw in (raw for raw, rows in rows_of.items() if a.min_docs < len(rows) < a.max_docs):
+        raws.setdefault(raw.lower().replace(".", ""), []).append(raw)
+    for task in (task for task, names in raws.items() if len(names) > 1):
+        warn(f"speakers {', '.join(map(repr, raws[task]))} all become {task!r}: their speeches form one task")
+    if not raws:
+        raise ValueError(f"no {a.task_col!r} value has more than {a.min_docs} and fewer than {a.max_docs} texts of "
+                         f"at least {a.min_chars} characters; is this the Talk of Norway file? adjust --min-docs/--max-docs")
+    if len(raws) < a.num_tasks:
+        warn(f"only {len(raws)} tasks have between {a.min_docs} and {a.max_docs} documents; using them all")
+    return {raw: task for task in sorted(raws)[:a.num_tasks] for raw in raws[task]}
 
 
 def largest_remainder(total: int, weights: list[float]) -> list[int]:
@@ -154,21 +196,8 @@ def largest_remainder(total: int, weights: list[float]) -> list[int]:
     return shares
 
 
-def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[str, int], dict[str, str]]:
-    """({task: documents to use}, {name in the source: task}) for the tasks the preset or --tasks selects."""
-    if a.preset == "talkofnorway":  # counted by raw name, then named as the paper's code did: "Abid Q. Raja" -> "abid q raja"
-        raws: dict[str, list[str]] = {}
-        for raw in (raw for raw, n in counts.items() if a.min_docs < n < a.max_docs):
-            raws.setdefault(raw.lower().replace(".", ""), []).append(raw)
-        for task in (task for task, names in raws.items() if len(names) > 1):
-            warn(f"speakers {', '.join(map(repr, raws[task]))} all become {task!r}: their speeches form one task")
-        if not raws:
-            raise ValueError(f"no {a.task_col!r} value has more than {a.min_docs} and fewer than {a.max_docs} texts of "
-                             f"at least {a.min_chars} characters; is this the Talk of Norway file? adjust --min-docs/--max-docs")
-        if len(raws) < a.num_tasks:
-            warn(f"only {len(raws)} tasks have between {a.min_docs} and {a.max_docs} documents; using them all")
-        chosen = sorted(raws)[:a.num_tasks]
-        return {t: sum(counts[raw] for raw in raws[t]) for t in chosen}, {raw: t for t in chosen for raw in raws[t]}
+def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> dict[str, int]:
+    """{task: documents to use} of the tasks the preset or --tasks selects, from each task's distinct documents."""
     if a.preset == "spotify":
         take = {t: n for t, n in sorted(counts.items()) if n >= a.min_task_size}
         if not take:
@@ -180,20 +209,23 @@ def choose_tasks(counts: dict[str, int], a: argparse.Namespace) -> tuple[dict[st
             raise ValueError(f"no usable documents of task(s) {', '.join(map(repr, unknown[:20]))} in {a.task_col!r}; "
                              f"its tasks are: {', '.join(map(repr, sorted(counts)[:20]))}")
         take = {t: min(a.max_docs_per_task or counts[t], counts[t]) for t in a.tasks or sorted(counts)}
+    if RESERVED in take:
+        raise ValueError(f"a task is named {RESERVED!r}, the name sample.py and export.py give the shared mean of "
+                         f"all tasks; rename it in {a.task_col!r}, or leave it out")
     if a.total is not None:  # N documents in all, in the tasks' proportions, so that small tasks stay small
         if a.total > sum(take.values()):
             raise ValueError(f"--total {a.total} is more than the {sum(take.values())} documents of the kept tasks")
         take = dict(zip(take, largest_remainder(a.total, list(take.values()))))
-    return take, {t: t for t in take}
+    return take
 
 
-def assign_splits(rows_of: dict[str, list[int]], take: dict[str, int], task_of: dict[str, str],
-                  a: argparse.Namespace) -> tuple[list[str], dict[int, tuple[int, int]]]:
+def assign_splits(docs_of: dict[str, list[int]], take: dict[str, int], a: argparse.Namespace
+                  ) -> tuple[list[str], dict[int, tuple[int, int]]]:
     """The tasks, sorted, and {row: (split 0/1/2 = train/val/test, task id)} of every row to use.
 
     Each task draws its documents and splits with a generator seeded from --seed and its own name, so
     they do not depend on which other tasks are chosen."""
-    need = next(n for n in itertools.count(1) if all(k for k, f in zip(largest_remainder(n, a.split), a.split) if f))
+    need = next(n for n in itertools.count(1) if all(largest_remainder(n, a.split)))  # a document in every split
     how = f"fewer than the {need} documents needed to split " + "/".join(f"{f:g}" for f in a.split)
     if (small := {t: n for t, n in take.items() if n < need}) and not a.drop_small_tasks:
         raise ValueError(f"task(s) {', '.join(f'{t!r} ({n})' for t, n in list(small.items())[:5])} have {how}; "
@@ -202,13 +234,10 @@ def assign_splits(rows_of: dict[str, list[int]], take: dict[str, int], task_of: 
         warn(f"dropped task {t!r}: {n} document(s), {how}")
     if not (tasks := sorted(set(take) - set(small))):
         raise ValueError(f"every task has {how}")
-    rows = {t: [] for t in tasks}
-    for name, its_rows in rows_of.items():  # talkofnorway: several names in the source may form one task
-        rows.get(task_of.get(name), []).extend(its_rows)
     assignment = {}
     for i, task in enumerate(tasks):
         rng = np.random.default_rng([a.seed, zlib.crc32(task.encode("utf-8"))])
-        chosen = rng.permutation(sorted(rows[task]))[:take[task]]  # a uniformly random subset
+        chosen = rng.permutation(docs_of[task])[:take[task]]  # a uniformly random subset
         for s, part in enumerate(np.split(chosen, np.cumsum(largest_remainder(take[task], a.split))[:-1])):
             assignment.update(dict.fromkeys(part.tolist(), (s, i)))
     return tasks, assignment
@@ -239,20 +268,11 @@ def write_splits(a: argparse.Namespace, assignment: dict[int, tuple[int, int]], 
     return counts
 
 
-def fingerprint(folder: Path, tasks: list[str]) -> str:
-    """sha256 of the task names and every split array: which document went where, whatever decided it."""
-    digest = hashlib.sha256(json.dumps(tasks).encode())
-    for path in sorted(folder.glob("*/*.npy")):
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---- The whole run: the folder appears only when complete ----
 
 def prepare(a: argparse.Namespace) -> dict:
-    out = Path(a.out)
+    out = Path(a.out).resolve() if Path(a.out).is_symlink() else Path(a.out)  # a link's folder is replaced, not it
+    clean_leftovers(out)
     if out.exists() and not a.force:
         raise ValueError(f"{out} already exists; add --force to replace it")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())):
@@ -261,36 +281,98 @@ def prepare(a: argparse.Namespace) -> dict:
         a.sources = [hub_file(EMOTION[0], file, EMOTION[1], kind="dataset") for file in EMOTION[2]]
     enc = gpt2_encoding()
     rows_of, rows = index_rows(a)  # pass 1
-    counts = {task: len(its_rows) for task, its_rows in rows_of.items()}
+    if not rows_of:
+        raise ValueError(f"{a.sources[0]} has no usable rows (texts in {a.text_col!r}, tasks in {a.task_col!r})")
+    task_of = speakers(rows_of, a) if a.preset == "talkofnorway" else {name: name for name in rows_of}
+    docs_of, found = distinct(rows_of, task_of)
+    if duplicates := sum(found.values()) - sum(map(len, docs_of.values())):
+        rows["dropped"][DUPLICATE] = duplicates
+        rows["usable"] -= duplicates
     print(f"read {rows['read']:,} rows of {', '.join(p.name for p in a.sources)}: {rows['usable']:,} usable, "
-          f"{len(counts):,} tasks")
+          f"{len(rows_of):,} tasks")
     if rows["invalid_utf8_replaced"]:
         warn(f"replaced {rows['invalid_utf8_replaced']} invalid UTF-8 sequence(s) with U+FFFD")
     for reason, n in rows["dropped"].items():
         warn(f"dropped {n} row(s): {reason}")
-    if not counts:
-        raise ValueError(f"{a.sources[0]} has no usable rows (texts in {a.text_col!r}, tasks in {a.task_col!r})")
-    tasks, assignment = assign_splits(rows_of, *choose_tasks(counts, a), a)
-    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}" for kind in ("tmp", "old"))
-    tmp.mkdir(parents=True)  # hidden, beside the target
+    tasks, assignment = assign_splits(docs_of, choose_tasks({t: len(docs) for t, docs in docs_of.items()}, a), a)
+    tmp = hidden(out, "tmp")
     try:
-        meta = {"format": FORMAT, "encoding": ENCODING, "tasks": tasks, "task_prompt": a.task_prompt,
-                "counts": write_splits(a, assignment, tasks, tmp, enc), "rows": rows,  # pass 2
-                "fingerprint": fingerprint(tmp, tasks), "sources": [str(p) for p in a.sources],
-                "args": {k: v for k, v in vars(a).items() if k != "sources"}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        if out.exists():
-            os.rename(out, old)  # the old folder stays until the new one is complete ...
-        os.rename(tmp, out)
-    except BaseException:  # Ctrl-C included: never a half-written folder, and the old one back in place
-        if old.exists() and not out.exists():
-            os.rename(old, out)
+        tmp.mkdir(parents=True)  # hidden, beside the target
+        with writing(out.parent, str(out)):
+            meta = {"format": FORMAT, "encoding": ENCODING, "tasks": tasks, "task_prompt": a.task_prompt,
+                    "counts": write_splits(a, assignment, tasks, tmp, enc),  # pass 2
+                    "rows": rows, "task_rows": {t: {"rows": found[t], "distinct": len(docs_of[t])} for t in tasks},
+                    "fingerprint": fingerprint(tmp, tasks), "sources": [str(p) for p in a.sources],
+                    "args": {k: v for k, v in vars(a).items() if k != "sources"}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n",
+                                           encoding="utf-8")
+    except BaseException:  # Ctrl-C included: never a half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)  # ... and goes once the new one is in its place
-    print(table(meta))
-    print(f"wrote {out}")
+    try:
+        with uninterrupted():  # the swap and its report: a Ctrl-C waits for their end
+            publish(tmp, out)
+            print(table(meta))
+            print(f"wrote {out}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: {out} holds the new dataset (the interruption came as it was put in place)")
     return meta
+
+
+def hidden(out: Path, kind: str) -> Path:
+    """A hidden folder beside out, named after this process: "tmp" while the dataset is written, "old" for
+    the dataset it replaces while the swap cannot be done in one step."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder tmp to out. An existing out is swapped with it in one step where the system can
+    (Linux), so that out holds a whole dataset at every instant, the old one or the new; elsewhere the old
+    one is moved aside first, and if the run is killed right then, the next run puts it back."""
+    old = tmp  # after a swap, the old dataset is where the new one was
+    try:
+        if not out.exists():
+            os.rename(tmp, out)
+        elif not exchange(tmp, out):
+            old = hidden(out, "old")
+            os.rename(out, old)  # no dataset at out from here ...
+            try:
+                os.rename(tmp, out)  # ... to here
+            except BaseException:
+                os.rename(old, out)
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new dataset, which did not get into place
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(out: Path) -> None:
+    """Delete the hidden folders that killed runs left beside out (a dead process's "tmp" and "old"); an
+    old dataset moved aside by a run killed before the new one took its place goes back to out."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        if not (match := pattern.fullmatch(path.name)) or alive(int(match[2])):
+            continue
+        if match[1] == "old" and not out.exists():
+            os.rename(path, out)
+            warn(f"put the old dataset back at {out}: a run killed while replacing it had moved it to {path}")
+        else:
+            shutil.rmtree(path)
+            warn(f"removed {path}, left by a prepare_data.py run that was killed")
+
+
+def alive(pid: int) -> bool:
+    """Is process pid running? Where that cannot be asked safely (on Windows os.kill ends the process), yes."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def table(meta: dict) -> str:
@@ -347,19 +429,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.tasks is not None:
         a.tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] or p.error("--tasks is empty; give task names")
     fractions = [float(f) if f.replace(".", "", 1).isdigit() else -1.0 for f in a.split.split(",")]
-    if len(fractions) != 3 or min(fractions) < 0 or fractions[0] == 0 or abs(sum(fractions) - 1) > 1e-6:
-        p.error(f"--split {a.split!r}: need three fractions train,val,test >= 0 adding up to 1, train > 0, like 0.5,0.25,0.25")
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        p.error(f"--split {a.split!r}: need three fractions train,val,test > 0 adding up to 1, like 0.5,0.25,0.25 "
+                "(train.py validates on val, eval.py reports on test: neither may be empty)")
     a.split = tuple(fractions)
     return a
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    try:
-        with one_line_errors():
-            prepare(a)
-    except KeyboardInterrupt:
-        sys.exit("interrupted: no output folder was written")
+    with one_line_errors(f"interrupted: {a.out} is as it was before this run"):
+        prepare(a)
 
 
 if __name__ == "__main__":

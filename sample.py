@@ -9,6 +9,10 @@ so the model reads what it read in training; that task prompt is not printed bac
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import torch
 
 from bora import load_checkpoint

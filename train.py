@@ -15,13 +15,16 @@ The validation numbers come from eval.py's `evaluate`, the one that eval.py repo
 """
 from __future__ import annotations
 
+import cli  # first: Ctrl-C while the imports below load is one line (cli.exit_on_interrupt)
+
+cli.exit_on_interrupt(__name__)
+
 import json
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
@@ -30,9 +33,10 @@ import torch
 import torch.distributed as dist
 
 from bora import BoRA, Checkpoint, LoRAConfig
-from cli import ArgumentParser, all_sum, jsonable, one_line_errors, pick_device
-from data import forward_passes, load_meta, load_split, rank_share, scored_tokens
+from cli import ArgumentParser, all_sum, interrupts, jsonable, one_line_errors, pick_device, uninterrupted
+from data import forward_passes, load_meta, load_split, rank_share, require_scored, scored_tokens
 from eval import evaluate
+from files import append_line, atomic_write
 from gpt2 import GPT
 
 try:
@@ -92,7 +96,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     taus = cfg.tau.split(",")
     valid = dict(tau=cfg.tau == "auto" or all(is_number(t) and float(t) >= 0 for t in taus) and
-                 len({float(t) for t in taus}) == len(taus), lr=cfg.lr > 0, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
+                 len({float(t) for t in taus}) == len(taus), lr=0 < cfg.lr < math.inf,
+                 likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
+                 rank=cfg.rank >= 1, alpha=math.isfinite(cfg.alpha), dropout=0 <= cfg.dropout < 1,
                  block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, micro_batch=cfg.micro_batch >= 0,
                  max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1, save_every=cfg.save_every > 0,
                  dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
@@ -148,8 +154,6 @@ def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch:
             add_fisher(model, fisher, (scored if likelihood == "doc-mean" else 1) / steps_per_epoch)
     also = [h for pair in fisher.values() for h in pair] if fisher else []
     nll_term = sum_over_ranks(params, grad_sum, nll_term, also)  # torchrun: now every rank has the whole batch's
-    for h, step_h in zip([h for pair in curvature.values() for h in pair] if fisher else [], also):
-        h += step_h
     prior_term = prior(model, tau)
     if prior_term.requires_grad:
         prior_term.backward()  # after the sum and the same on every rank: counted once, not once per rank
@@ -161,6 +165,8 @@ def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch:
         opt.step()
     if tau == 0:
         theta_as_task_mean(model)  # Θ is free at τ = 0: keep it at its τ → 0⁺ limit
+    for h, step_h in zip([h for pair in curvature.values() for h in pair] if fisher else [], also):
+        h += step_h  # with the step, not before it: an interrupted step is redone, and counted once
     return nll_term, prior_term.item()
 
 
@@ -252,11 +258,11 @@ def checkpoint(cfg: TrainConfig, model: BoRA, meta: dict, epoch: int, val: dict,
 
 
 def save_last(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer, state: dict,
-              curvature: dict | None) -> None:
+              curvature: dict | None, rng: torch.Tensor) -> None:
     """last.pt: ckpt.pt's contents, plus what --resume needs to go on exactly (optimiser, RNG, loop state)."""
     if RANK > 0:  # every rank holds the same adapters, optimiser state and curvature: rank 0 writes them
         return
-    resume_state = dict(state=state, optimizer=opt.state_dict(), rng=torch.get_rng_state(), curvature=curvature)
+    resume_state = dict(state=state, optimizer=opt.state_dict(), rng=rng, curvature=curvature)
     checkpoint(cfg, model, meta, state["epoch"] - 1, {}, state["tau"], resume_state).save(Path(cfg.out) / "last.pt")
 
 
@@ -265,8 +271,7 @@ def log(out: Path, text: str, /, **record) -> None:
     if RANK > 0:
         return
     print(text, flush=True)
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(jsonable(record)) + "\n")
+    append_line(out / "log.jsonl", json.dumps(jsonable(record)))
 
 
 def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer) -> tuple[dict, dict | None]:
@@ -299,6 +304,8 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
     meta, train_split, val_split = load_meta(cfg.data), load_split(cfg.data, "train"), load_split(cfg.data, "val")
+    for name, split in (("train", train_split), ("val", val_split)):
+        require_scored(split, meta["tasks"], cfg.block_size, name)  # a perplexity over no tokens is not one
     gpt = GPT.from_pretrained(cfg.init)
     if cfg.block_size > gpt.config.block_size:
         raise ValueError(f"--block-size {cfg.block_size} exceeds {cfg.init}'s {gpt.config.block_size} positions")
@@ -311,6 +318,7 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
     if cfg.compile:
         model.compile()  # in place: checkpoints still save the module's own parameters
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    opt.register_step_pre_hook(lambda *_: interrupts.hold())  # an update once begun ends before Ctrl-C stops us
 
     # the loop's state: fresh, or where last.pt left it
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the document order, one permutation per epoch
@@ -331,9 +339,10 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
                 opt.load_state_dict(branch.resume["optimizer"])
             torch.set_rng_state(branch.resume["rng"])
     if RANK == 0:
-        (out / "args.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n")
+        atomic_write(out / "args.json", lambda tmp: tmp.write_text(json.dumps(jsonable(asdict(cfg)), indent=2) + "\n"))
     for m in model.adapted.values():
         m.keep_rows = auto  # per-document gradients for the curvature
+    rng = torch.get_rng_state()  # dropout's stream where `state` stands: an interrupted step is redone from it
     S = math.ceil(len(train_split) / cfg.batch_size)  # steps per epoch
     log(out, f"{len(meta['tasks'])} tasks, {len(train_split)} train / {len(val_split)} val docs | tau={cfg.tau} "
         f"lr={cfg.lr:g} | " + "{:,} trainable, {:,} frozen params | ".format(*model.parameter_counts()) + device +
@@ -352,6 +361,8 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
                 passes = forward_passes(train_split, share, cfg.block_size, cfg.micro_batch, device)
                 nll, prior_term = train_step(model, opt, passes, S, state["tau"], cfg.likelihood, autocast, curvature)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
+                rng = torch.get_rng_state()
+                interrupts.release()  # a Ctrl-C that came during the update stops us here, the step counted
                 per_step = (time.time() - t0) / (state["step"] - steps0)
                 if state["step"] - steps0 == 3:  # enough steps to say how long this will take
                     epoch_time, run_time = (f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
@@ -364,7 +375,7 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
                         prior_term=prior_term)
                     shown = time.time()  # a train line every 30 s at most
                 if time.time() - saved_at > 60 * cfg.save_every:
-                    save_last(cfg, model, meta, opt, state, curvature)
+                    save_last(cfg, model, meta, opt, state, curvature, rng)
                     saved_at = time.time()
 
             # validation: every task's perplexity; ckpt.pt keeps the best epoch, patience counts the others
@@ -372,35 +383,37 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
             if improved := m["ll_task_avg"] > state["best_ll"]:
                 if RANK == 0:
                     checkpoint(cfg, model, meta, epoch, m, state["tau"]).save(out / "ckpt.pt")
-                state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)
-            state.update(bad_epochs=0 if improved else state["bad_epochs"] + 1)
+            bad_epochs = 0 if improved else state["bad_epochs"] + 1
             per_task = "  ".join(f"{name} {p:.2f}" for name, p in zip(meta["tasks"], m["ppl"]))
             log(out, f"epoch {epoch} val: ppl {m['ppl_task_avg']:.3f} task-averaged, {m['ppl_token_weighted']:.3f} "
                 f"token-weighted | {per_task} | " + ("saved ckpt.pt" if improved else
-                                                   f"no better for {state['bad_epochs']} epoch(s)"),
+                                                   f"no better for {bad_epochs} epoch(s)"),
                 kind="val", epoch=epoch, improved=improved, tau=state["tau"], **m)
+            best = dict(best_ll=m["ll_task_avg"], best_epoch=epoch) if improved else {}
+            tau = state["tau"]
             if auto and epoch > 0:  # τ from this epoch's curvature and the adapters' spread, damped
-                estimate = evidence_tau(model, curvature, state["tau"], tokens_per_doc)
-                step = min(max(math.log(estimate / state["tau"]), -TAU_CLIP), TAU_CLIP) * TAU_DAMP
-                state["tau"] = min(max(state["tau"] * math.exp(step), TAU_MIN), TAU_MAX)
-                log(out, f"epoch {epoch}: the evidence asks for tau {estimate:.4g}; tau is now {state['tau']:.4g}",
-                    kind="tau", epoch=epoch, estimate=estimate, tau=state["tau"])
-                for h in (h for pair in curvature.values() for h in pair):
-                    h.zero_()
-            state.update(epoch=epoch + 1, done_in_epoch=0, epoch_rng=shuffle.get_state())
+                estimate = evidence_tau(model, curvature, tau, tokens_per_doc)
+                tau = min(max(tau * math.exp(TAU_DAMP * min(max(math.log(estimate / tau), -TAU_CLIP), TAU_CLIP)),
+                              TAU_MIN), TAU_MAX)
+                log(out, f"epoch {epoch}: the evidence asks for tau {estimate:.4g}; tau is now {tau:.4g}",
+                    kind="tau", epoch=epoch, estimate=estimate, tau=tau)
+            with uninterrupted():  # in one update: an interrupt before it has the validation redone, whole
+                state.update(epoch=epoch + 1, done_in_epoch=0, epoch_rng=shuffle.get_state(), bad_epochs=bad_epochs,
+                             tau=tau, **best)
+                for h in (h for pair in curvature.values() for h in pair) if auto and epoch > 0 else ():
+                    h.zero_()  # the next epoch's Fisher starts afresh
             if epoch > 0:
-                save_last(cfg, model, meta, opt, state, curvature)
+                save_last(cfg, model, meta, opt, state, curvature, rng)
+        log(out, f"done: best epoch {state['best_epoch']}, validation ppl {math.exp(-state['best_ll']):.3f} "
+            f"(task-averaged); evaluate with: python eval.py {out / 'ckpt.pt'}", kind="done", **state)
     except FloatingPointError as e:  # train_step's, raised before the step: the weights are still sane
         raise ValueError(f"{e} at step {state['step'] + 1} (epoch {state['epoch']}): training diverged; try a smaller "
                          f"--lr than {cfg.lr:g}; {out / 'ckpt.pt'} keeps the best epoch so far") from None
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM; under torchrun also another rank's end (cli.all_sum)
-        for s in (signal.SIGINT, signal.SIGTERM) if dist.is_initialized() else ():
-            signal.signal(s, signal.SIG_IGN)  # torchrun passes the signal on once more: let the save below end
-        save_last(cfg, model, meta, opt, state, curvature)
+        interrupts.hold()  # a second one (torchrun passes the signal on once more) waits for last.pt to be whole
+        save_last(cfg, model, meta, opt, state, curvature, rng)
         sys.exit(1 if RANK > 0 else f"interrupted at epoch {state['epoch']}, step {state['done_in_epoch']}/{S}: saved "
                  f"{out / 'last.pt'}; continue with the same command and --resume")
-    log(out, f"done: best epoch {state['best_epoch']}, validation ppl {math.exp(-state['best_ll']):.3f} "
-        f"(task-averaged); evaluate with: python eval.py {out / 'ckpt.pt'}", kind="done", **state)
 
 
 # ---- The τ path: every τ of a list, each starting where the one before ended ----
@@ -471,16 +484,30 @@ def run_folder(cfg: TrainConfig) -> Iterator[None]:
     if runs and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run ({', '.join(runs)}); continue it with --resume, "
                          f"start afresh with --overwrite, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:  # the OS drops the lock when the file closes or the process ends
-        try:
-            if fcntl and RANK == 0:  # torchrun: rank 0 holds it for the run
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another train.py is running in {out}; wait for it to end or choose another --out") from None
-        for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
-            stray.unlink()
-        yield
+    try:
+        with open(out / ".lock", "w") as lock:  # the OS drops the lock when the file closes or the process ends
+            try:
+                if fcntl and RANK == 0:  # torchrun: rank 0 holds it for the run
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another train.py is running in {out}; wait for it to end or choose another --out") from None
+            for stray in out.glob(".*.tmp"):  # left by a write that was killed midway
+                stray.unlink()
+            try:
+                yield
+            except BaseException:  # a run that failed before saving anything leaves nothing behind
+                if RANK == 0 and not any(out.rglob("ckpt.pt")) and not any(out.rglob("last.pt")):
+                    for f in ("args.json", "log.jsonl", ".lock"):
+                        with suppress(OSError):  # Windows keeps an open .lock: the error that ends the run says more
+                            (out / f).unlink(missing_ok=True)
+                raise
+    finally:
+        if created and RANK == 0 and not any(out.iterdir()):
+            out.rmdir()
 
 
 @contextmanager
@@ -506,7 +533,8 @@ def torchrun_ranks(cfg: TrainConfig) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    with one_line_errors(), run_folder(cfg), torchrun_ranks(cfg):
+    with one_line_errors(f"interrupted before training began: nothing was saved in {cfg.out}"), run_folder(cfg), \
+            torchrun_ranks(cfg):
         try:
             if "," in cfg.tau:
                 train_path(cfg, [float(t) for t in cfg.tau.split(",")])
@@ -518,5 +546,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, a scheduler's stop: saved like Ctrl-C
     main()

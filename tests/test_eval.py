@@ -21,7 +21,7 @@ from conftest import perturb, prepare, write_checkpoint, write_hf_checkpoint
 import eval as evaluate_cli
 import prepare_data
 from bora import BoRA, LoRAConfig, load_checkpoint
-from data import load_split
+from data import Split, load_split, require_scored
 from gpt2 import GPT
 
 
@@ -85,6 +85,21 @@ def test_load_checkpoint_refuses_what_is_not_one(setup, tmp_path):
     path = write_ckpt(perturbed_bora(hf), setup["data"], hf, tmp_path / "run" / "ckpt.pt", 10.0)
     shutil.rmtree(hf)
     assert "base model" in eval_error(path) and "gone-gpt2" in eval_error(path)
+
+
+def test_a_task_with_nothing_to_score_is_an_error_not_a_perplexity(setup):
+    """A split without one task's documents (an old dataset, a hand-made one): never exp(0 / 0) = "ppl 1.000"."""
+    test = load_split(setup["data"], "test")
+    keep = [i for i in range(len(test)) if test.task_ids[i] != 1]  # no document of "beta"
+    docs = [test.document(i) for i in keep]
+    without_beta = Split(np.concatenate(docs), np.concatenate([[0], np.cumsum([len(d) for d in docs])]),
+                         test.task_ids[keep], test.prompt_lens[keep])
+    model, _ = load_checkpoint(setup["ckpts"][10.0])
+    with pytest.raises(ValueError, match="task 'beta' has no scored token"):
+        evaluate_cli.evaluate(model, without_beta, 32, 8, "cpu")
+    with pytest.raises(ValueError, match="task 'beta' has no documents in the test split.*prepare_data.py"):
+        require_scored(without_beta, model.task_names, 32, "test")
+    require_scored(test, model.task_names, 32, "test")  # the whole split has something of every task
 
 
 def test_single_report(setup):

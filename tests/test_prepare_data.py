@@ -9,12 +9,16 @@ import argparse
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import bora
 import data
 import prepare_data as pd_
 from data import load_meta, load_split
@@ -197,6 +201,17 @@ def test_reader_arrays_and_meta(tmp_path):
             s.document(len(s))
 
 
+def test_scored_tokens_are_those_make_batch_scores(tmp_path):
+    main(["--csv", str(nasty_csv(tmp_path / "n.csv")), "--out", str(tmp_path / "d")])
+    for no_prompt in (False, True):
+        if no_prompt:
+            main(["--csv", str(tmp_path / "n.csv"), "--no-task-prompt", "--force", "--out", str(tmp_path / "d")])
+        s = load_split(tmp_path / "d", "train")
+        for block_size in (1, 2, 3, 5, 256):
+            y = [data.make_batch(s, [i], block_size, "cpu")[1] for i in range(len(s))]
+            assert data.scored_tokens(s, block_size).tolist() == [int((row != -1).sum()) for row in y]
+
+
 def test_reader_errors_name_prepare_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*prepare_data.py"):
         load_meta(tmp_path / "nowhere")
@@ -220,6 +235,50 @@ def test_reader_errors_name_prepare_data(tmp_path):
     meta_path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot be read.*prepare_data.py"):
         load_meta(tmp_path / "d")
+
+
+def rewritten(folder: Path, split: str, name: str, array: np.ndarray, fingerprint: bool = True) -> Path:
+    """folder with one array of a split replaced, and (fingerprint=True) meta.json's fingerprint taken anew, as a
+    hand-made dataset or a buggy writer would have it: only the array's own checks can then find it."""
+    np.save(folder / split / f"{name}.npy", array)
+    if fingerprint:
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "fingerprint": data.fingerprint(folder, meta["tasks"])}))
+    return folder
+
+
+def test_damaged_datasets_are_refused_saying_to_run_prepare_data_again(tmp_path):
+    src = str(nasty_csv(tmp_path / "n.csv"))
+
+    def damaged(name: str) -> Path:
+        main(["--csv", src, "--out", str(tmp_path / name)])
+        return tmp_path / name
+
+    def refused(folder: Path, why: str, split: str = "test") -> None:
+        with pytest.raises(ValueError, match=f"{why}.*prepare_data.py"):
+            load_split(folder, split)
+
+    d = damaged("flipped")  # same size, 200 bytes zeroed: only the fingerprint can tell
+    tokens = bytearray((d / "test" / "tokens.npy").read_bytes())
+    tokens[-20:] = bytes(20)
+    (d / "test" / "tokens.npy").write_bytes(bytes(tokens))
+    refused(d, "not those its meta.json's fingerprint describes")
+    refused(d, "not those its meta.json's fingerprint describes", "train")  # the dataset is no longer itself
+    d = damaged("empty-file")
+    (d / "val" / "task_ids.npy").write_bytes(b"")
+    refused(d, "fingerprint", "val")
+    offsets = np.load(tmp_path / "empty-file" / "test" / "offsets.npy")
+    refused(rewritten(damaged("offsets"), "test", "offsets", offsets + 1000), "does not cut the .* tokens into documents")
+    task_ids = np.load(tmp_path / "offsets" / "test" / "task_ids.npy")
+    refused(rewritten(damaged("ids"), "test", "task_ids", task_ids + 5), "task id, token id or prompt length is out of range")
+    refused(rewritten(damaged("dtype"), "test", "task_ids", task_ids.astype(np.int32)), "int32 .*not a 1-D int64")
+    refused(rewritten(damaged("count"), "test", "task_ids", 1 - task_ids), "not meta.json's counts")
+    for key in ("counts", "task_prompt", "fingerprint"):
+        d = damaged(f"no-{key}")
+        meta = json.loads((d / "meta.json").read_text())
+        (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != key}))
+        with pytest.raises(ValueError, match="meta.json lacks .*prepare_data.py"):
+            load_meta(d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,9 +355,9 @@ def test_task_too_small_to_split(tmp_path, capsys):
     main(["--csv", str(tmp_path / "s.csv"), "--drop-small-tasks", "--out", str(tmp_path / "d")])
     assert load_meta(tmp_path / "d")["tasks"] == ["big"]
     assert "dropped task 'solo': 1 document(s)" in capsys.readouterr().err
-    # a split with a zero fraction needs no document
-    main(["--csv", str(tmp_path / "s.csv"), "--split", "0.5,0.5,0", "--drop-small-tasks", "--out", str(tmp_path / "e")])
-    assert load_meta(tmp_path / "e")["tasks"] == ["big", "duo"]
+    # no split may be empty: train.py validates on val, eval.py measures on test
+    message = fails(["--csv", str(tmp_path / "s.csv"), "--split", "0.5,0.5,0", "--out", str(tmp_path / "e")], tmp_path)
+    assert "--split '0.5,0.5,0'" in message and "> 0" in message
 
 
 def test_no_usable_rows(tmp_path):
@@ -341,6 +400,16 @@ def test_existing_output_needs_force(tmp_path, enc):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_force_through_a_link_replaces_the_folder_it_points_to(tmp_path):
+    src, big = str(nasty_csv(tmp_path / "n.csv")), tmp_path / "big-disk"
+    big.mkdir()
+    main(["--csv", src, "--out", str(big / "d")])
+    (tmp_path / "d").symlink_to(big / "d")
+    main(["--csv", src, "--seed", "7", "--force", "--out", str(tmp_path / "d")])
+    assert (tmp_path / "d").is_symlink() and load_meta(big / "d")["args"]["seed"] == 7
+    assert hidden_folders(tmp_path) == hidden_folders(big) == []
+
+
 def test_interruption_leaves_no_folder(tmp_path, monkeypatch):
     src, out = str(nasty_csv(tmp_path / "n.csv")), tmp_path / "data" / "d"
     out.parent.mkdir()
@@ -370,8 +439,114 @@ def test_force_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path, monk
         real_rename(src_path, dst_path)
 
     monkeypatch.setattr(pd_.os, "rename", rename)
+    monkeypatch.setattr(pd_, "exchange", lambda a, b: False)  # a system that cannot swap in one step
     assert "No space left on device" in fails(["--csv", src, "--force", "--seed", "7", "--out", str(out)], tmp_path)
     assert folder_bytes(out) == old
+
+    def exchange(a, b):  # where it can, the swap itself fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd_, "exchange", exchange)
+    assert "No space left on device" in fails(["--csv", src, "--force", "--seed", "7", "--out", str(out)], tmp_path)
+    assert folder_bytes(out) == old
+
+
+# prepare_data.py in a process of its own, stopped at one moment of its run: killed (os._exit, as kill -9 does,
+# nothing cleaned up) right after the one-step swap, or, on a system without one, between moving the old dataset
+# aside and moving the new one in; or paused for a signal before the folder is complete, or inside the swap.
+STOPPED_PREPARE = """
+import os, sys, time
+import cli
+cli.exit_on_interrupt("__main__")
+import prepare_data
+moment, real_exchange, real_rename = sys.argv[1], prepare_data.exchange, os.rename
+
+def pause():  # until the test's signal: it raises KeyboardInterrupt here, or, during the swap, waits for its end
+    print("paused", flush=True)
+    for _ in range(6000):
+        if cli.interrupts.pending:
+            break
+        time.sleep(0.01)
+
+def exchange(a, b):
+    if moment == "between the renames":
+        return False  # a system that cannot swap in one step
+    assert real_exchange(a, b)
+    if moment == "killed after the swap":
+        os._exit(9)
+    pause()
+    return True
+
+def rename(src, dst):
+    real_rename(src, dst)
+    if ".old-" in str(dst):
+        os._exit(9)
+
+def fingerprint(*args):
+    pause()
+    return real_fingerprint(*args)
+
+prepare_data.exchange, os.rename = exchange, rename
+real_fingerprint, prepare_data.fingerprint = prepare_data.fingerprint, fingerprint if moment == "writing" else prepare_data.fingerprint
+prepare_data.main(sys.argv[2:])
+"""
+
+
+def stopped_prepare(moment: str, argv: list[str], signal_=None) -> subprocess.CompletedProcess | tuple[int, str]:
+    run = subprocess.Popen([sys.executable, "-c", STOPPED_PREPARE, moment, *argv], cwd=Path(pd_.__file__).parent,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if signal_:
+            while run.stdout.readline().strip() != "paused":
+                assert run.poll() is None, run.stderr.read()
+            run.send_signal(signal_)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    return run.returncode, err
+
+
+def hidden_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_kill_at_any_moment_of_the_swap_leaves_a_whole_dataset(tmp_path, capsys):
+    """kill -9 right after the swap: --out holds the new dataset; between the two renames of a system without a
+    one-step swap: --out is missing for that moment, and the next run puts the old one back. Either way the
+    next run removes what the killed one left."""
+    src, out = str(nasty_csv(tmp_path / "n.csv")), tmp_path / "d"
+    main(["--csv", src, "--out", str(out)])
+    main(["--csv", src, "--seed", "7", "--out", str(tmp_path / "new")])
+    new = load_meta(tmp_path / "new")["fingerprint"]
+    assert stopped_prepare("killed after the swap", ["--csv", src, "--seed", "7", "--force", "--out", str(out)])[0] == 9
+    assert load_meta(out)["fingerprint"] == new and all(len(load_split(out, s)) for s in data.SPLITS)  # whole, new
+    assert len(hidden_folders(tmp_path)) == 1  # the old dataset, not yet deleted
+    main(["--csv", src, "--seed", "7", "--force", "--out", str(out)])
+    assert "removed " in capsys.readouterr().err and hidden_folders(tmp_path) == []
+
+    main(["--csv", src, "--force", "--out", str(out)])
+    old = folder_bytes(out)
+    assert stopped_prepare("between the renames", ["--csv", src, "--seed", "7", "--force", "--out", str(out)])[0] == 9
+    assert not out.exists() and len(hidden_folders(tmp_path)) == 2  # the old dataset moved aside, the new one
+    with pytest.raises(SystemExit, match="already exists"):  # any next run: it puts the old dataset back first
+        main(["--csv", src, "--out", str(out)])
+    assert folder_bytes(out) == old and hidden_folders(tmp_path) == []
+    assert "put the old dataset back" in capsys.readouterr().err
+
+
+def test_a_signal_during_a_run_is_one_line_that_says_what_it_left(tmp_path):
+    src, out = str(nasty_csv(tmp_path / "n.csv")), tmp_path / "d"
+    main(["--csv", src, "--out", str(out)])
+    old = folder_bytes(out)
+    argv = ["--csv", src, "--seed", "7", "--force", "--out", str(out)]
+    code, err = stopped_prepare("writing", argv, signal.SIGTERM)  # the new dataset half-written
+    assert code == 1 and err.endswith(f"\ninterrupted: {out} is as it was before this run\n")
+    assert all(line.startswith("warning: ") for line in err.splitlines()[:-1])  # the warnings of pass 1
+    assert folder_bytes(out) == old and hidden_folders(tmp_path) == []
+    code, err = stopped_prepare("swapping", argv, signal.SIGINT)  # Ctrl-C waits for the swap to end
+    assert code == 1 and err.endswith(f"\ninterrupted: {out} holds the new dataset (the interruption came as it was "
+                                      "put in place)\n"), err
+    assert load_meta(out)["args"]["seed"] == 7 and hidden_folders(tmp_path) == []
 
 
 def test_default_out_folder(tmp_path, monkeypatch):
@@ -487,7 +662,7 @@ def test_spotify_allocation_at_paper_scale():
     """4933 songs over the six emotions of the full file: integers, summing exactly, each within one of its quota."""
     counts = {"anger": 28_000, "fear": 9_000, "joy": 190_000, "love": 12_000, "sadness": 160_000, "surprise": 5_100}
     args = argparse.Namespace(preset="spotify", task_col="emotion", min_task_size=5000, total=4933)
-    take, _ = pd_.choose_tasks({**counts, "True": 40, "thirst": 3}, args)
+    take = pd_.choose_tasks({**counts, "True": 40, "thirst": 3}, args)
     assert list(take) == sorted(counts) and sum(take.values()) == 4933
     assert all(abs(take[t] - 4933 * n / sum(counts.values())) < 1 for t, n in counts.items())
 
@@ -518,6 +693,49 @@ def test_talkofnorway_preset(tmp_path, enc, capsys):
     main(["--csv", src, "--preset", "talkofnorway", "--out", str(tmp_path / "e")])
     assert load_meta(tmp_path / "e")["tasks"] == ["abid q raja", "bjørn dæhlie", "carl i hagen"]
     assert "only 3 tasks" in capsys.readouterr().err
+
+
+def reference_talkofnorway(rows: list[tuple[str, str]], num_tasks: int = 25) -> dict[str, set[str]]:
+    """The BoRA paper's selection as its code reads, {task: its distinct texts}: count the speeches of >= 40
+    characters per raw rep_name, repeats included; keep the names with 200 < n < 1000; name them in lower case
+    without dots; the first num_tasks names; every distinct text of a kept name, per task."""
+    speeches = [(name, text) for name, text in rows if len(text) >= 40]
+    n = Counter(name for name, _ in speeches)
+    task = {name: name.lower().replace(".", "") for name in n if 200 < n[name] < 1000}
+    return {t: {text for name, text in speeches if task.get(name) == t} for t in sorted(set(task.values()))[:num_tasks]}
+
+
+def test_talkofnorway_selects_as_the_reference_code(tmp_path, enc):
+    """Speakers at 200, 201 and 1000 speeches with repeats among them, and names that collide by case and dots:
+    exactly the reference rule's speakers, and no text twice in a task (it could land in train and test)."""
+    def speeches(name: str, n: int, repeats: int = 0, start: int = 0) -> list[tuple[str, str]]:
+        texts = [f"Tale nummer {i} i Stortinget, lang nok for filteret." for i in range(start, start + n - repeats)]
+        return [(name, text) for text in texts + texts[:repeats]]
+
+    rows = (speeches("Per Olsen", 201, repeats=3)  # 198 distinct: kept, since the rule counts repeats
+            + speeches("Kari Lie", 200, repeats=2)  # not more than 200: out
+            + speeches("Ola Nordmann", 1000, repeats=25)  # 975 distinct, but 1000 speeches: out
+            + speeches("Anne K. Berg", 230) + speeches("anne k. berg", 210, start=225)  # both in; 5 texts in both
+            + speeches("Anne K Berg", 190, start=1000)  # the same task's name, but too few speeches: not in it
+            + speeches("Eva Ek.", 150) + speeches("eva ek", 150)  # 300 together, each too few: out
+            + [("Per Olsen", "For kort.")] * 5)  # short speeches count for nobody
+    src = str(write_csv(tmp_path / "ton.csv", ["rep_name", "text"], [list(r) for r in rows]))
+    main(["--csv", src, "--preset", "talkofnorway", "--out", str(tmp_path / "d")])
+    meta, expected = load_meta(tmp_path / "d"), reference_talkofnorway(rows)
+    assert meta["tasks"] == sorted(expected) == ["anne k berg", "per olsen"]
+    docs = Counter((task, doc) for _, task, doc, _ in documents(tmp_path / "d", enc))
+    assert max(docs.values()) == 1  # every task's documents distinct
+    for task, texts in expected.items():
+        assert {doc for t, doc in docs if t == task} == {f"[{task}] {text}{EOT}" for text in texts}
+    assert meta["task_rows"] == {"anne k berg": {"rows": 440, "distinct": 435}, "per olsen": {"rows": 201, "distinct": 198}}
+
+
+def test_a_task_named_global_is_refused(tmp_path):
+    rows = [[f"text {i}", task] for task in ("global", "local") for i in range(6)]
+    message = fails(["--csv", str(write_csv(tmp_path / "s.csv", ["text", "task"], rows)), "--out", str(tmp_path / "d")],
+                    tmp_path)
+    assert "a task is named 'global'" in message and "shared mean" in message
+    assert pd_.RESERVED == bora.GLOBAL_NAME  # the name sample.py and export.py read as Θ
 
 
 def test_talkofnorway_preset_on_the_wrong_file(tmp_path):

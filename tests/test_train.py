@@ -9,15 +9,19 @@ import copy
 import io
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import adapters, perturb, prepare, prior_by_hand, read_log, train_run, write_hf_checkpoint
 
 import bora
+import files
 import train
 from bora import CKPT_FORMAT, BoRA, LoRAConfig
 from data import forward_passes, load_meta, load_split, make_batch
@@ -278,6 +282,69 @@ def test_a_killed_run_saves_last_pt_and_says_so_in_one_line(small, tmp_path):
     assert torch.load(out / "last.pt", weights_only=True)["resume"]["state"]["step"] >= 3
 
 
+# Runs train.py with a pause at one chosen moment of one step, announced on stdout, for a real signal to land
+# there: "backward", between two micro-batches (dropout has drawn, gradients half-summed), or "update", between
+# AdamW's step and the shift of the task adapters by Θ's move (step_offsets): the weights half-stepped.
+PAUSED_TRAIN = """
+import sys, time
+import cli
+cli.exit_on_interrupt("__main__")
+import train
+from torch.optim.optimizer import register_optimizer_step_post_hook
+where, at_step, steps = sys.argv[1], int(sys.argv[2]), []
+
+def pause():  # until the test's signal: it raises KeyboardInterrupt here, or, during an update, waits for its end
+    print("paused", flush=True)
+    for _ in range(6000):
+        if cli.interrupts.pending:
+            break
+        time.sleep(0.01)
+
+def forward_passes(*args):
+    steps.append(1)
+    for k, batch in enumerate(real_forward_passes(*args)):
+        yield batch
+        if where == "backward" and len(steps) == at_step and k == 0:
+            pause()
+
+real_forward_passes, train.forward_passes = train.forward_passes, forward_passes
+register_optimizer_step_post_hook(
+    lambda *_: pause() if where == "update" and len(steps) == at_step else None)
+sys.argv = ["train.py", *sys.argv[3:]]
+train.main()
+"""
+
+
+def test_a_real_interruption_mid_step_resumes_bit_for_bit(small, tmp_path):
+    """Ctrl-C in the middle of a step's backward and SIGTERM in the middle of its update, dropout on, two
+    threads: last.pt holds the step's start (or its end), and --resume ends exactly where the uninterrupted run
+    ends. Every run is a process of its own, with the same threads."""
+    data, hf = small
+    argv = ["--data", str(data), "--init", str(hf), "--rank", "4", "--block-size", "32", "--batch-size", "4",
+            "--micro-batch", "2", "--max-epochs", "1", "--tau", "10", "--lr", "1e-2", "--dropout", "0.1", "--device", "cpu"]
+    script, env = str(Path(train.__file__)), {**os.environ, "OMP_NUM_THREADS": "2"}  # 5 steps an epoch
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, script, *argv, "--out", str(straight)], check=True, capture_output=True, env=env)
+    for signal_, where in ((signal.SIGINT, "backward"), (signal.SIGTERM, "update")):
+        out = tmp_path / where
+        run = subprocess.Popen([sys.executable, "-c", PAUSED_TRAIN, where, "4", *argv, "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            while run.stdout.readline().strip() != "paused":
+                assert run.poll() is None, run.stderr.read()
+            run.send_signal(signal_)
+            _, err = run.communicate(timeout=60)
+        finally:
+            run.kill()
+        assert run.returncode == 1 and err.startswith("interrupted at epoch 1, step ") and err.count("\n") == 1, err
+        assert torch.load(out / "last.pt", weights_only=True)["resume"]["state"]["step"] == (3 if where == "backward" else 4)
+        subprocess.run([sys.executable, script, *argv, "--out", str(out), "--resume"], check=True, capture_output=True,
+                       env=env)
+        for name in ("ckpt.pt", "last.pt"):
+            a, b = adapters(straight / name), adapters(out / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (where, name)
+
+
 def test_snapshots_inside_an_epoch(small, tmp_path, monkeypatch):
     data, hf = small
     saved = []
@@ -302,6 +369,25 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_best(small, tmp_path, monke
     assert message.startswith("error:") and "step 4" in message and "smaller --lr" in message and "\n" not in message
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)  # intact, from the last good epoch
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["adapters"].values())
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_best(small, tmp_path, monkeypatch):
+    data, hf = small
+    real_save = torch.save
+
+    def save(obj, path):  # the disk fills up while last.pt is written; torch then says only "unexpected pos"
+        if Path(path).name.startswith(".last.pt"):
+            Path(path).write_bytes(b"part of a checkpoint")
+            monkeypatch.setattr(files.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    message = refusal("--data", str(data), "--init", str(hf), "--out", str(out), "--block-size", "32", "--rank", "4",
+                      "--max-epochs", "1")
+    assert message == f"error: no space left on the device of {out}: last.pt was not written; free some space and run again"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1 and not list(out.glob(".*.tmp"))
 
 
 # ---- runs never destroy each other; refusals are one line ---------------------------------------
@@ -331,6 +417,27 @@ def test_refusals(small, tmp_path):
     if not torch.cuda.is_available():
         assert "device 'cuda' is not usable here" in refusal(*base, "--device", "cuda")
     assert "last.pt" in refusal(*base, "--resume")  # nothing to resume yet
+    assert "--tau -inf is not valid" in refusal(*base, "--tau", "-inf")  # not argparse's "expected one argument"
+    for flag, value in (("--alpha", "nan"), ("--alpha", "inf"), ("--lr", "inf"), ("--lr", "nan"), ("--tau", "nan"),
+                        ("--dropout", "nan"), ("--dropout", "1.0"), ("--rank", "0"), ("--save-every", "nan")):
+        assert f"{flag} {value} is not valid" in refusal(*base, flag, value)
+    (tmp_path / "corpus.csv").write_text("text,task\n")
+    assert "is a file, not a dataset folder" in refusal(*base, "--data", str(tmp_path / "corpus.csv"))
+    assert not (tmp_path / "o").exists()  # a failed run leaves no --out behind
+
+
+def test_nothing_to_score_is_refused_naming_the_task(small, tmp_path):
+    """At --block-size 1 every target of a document lies in its "[task]" prompt: no token is scored, and a
+    perplexity over no tokens would read as a perfect 1.0."""
+    data, hf = small
+    message = refusal("--data", str(data), "--init", str(hf), "--out", str(tmp_path / "o"), "--block-size", "1")
+    assert "task 'alpha'" in message and "train" in message and "--block-size" in message
+    split = load_split(data, "train")
+    assert f"--block-size {split.prompt_lens[split.task_ids == 0].min()} or more" in message  # alpha's "[alpha]"
+    assert not (tmp_path / "o").exists()
+    longest = str(split.prompt_lens.max())  # at this block size every document scores its first text token
+    train_run(data, hf, tmp_path / "o", "--block-size", longest, "--max-epochs", "1")
+    assert all(n > 0 for n in read_log(tmp_path / "o")[-2]["tokens"])
 
 
 def test_a_finished_run_is_never_overwritten_by_accident(small, tmp_path):
