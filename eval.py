@@ -25,16 +25,17 @@ from data import Split, forward_passes, load_meta, load_split
 
 
 @torch.no_grad()
-def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, device: str, autocast=nullcontext(),
+def evaluate(model: BoRA, split: Split, block_size: int, pass_tokens: int, device: str, autocast=nullcontext(),
              label: str = "eval") -> dict:
     """Mean log-likelihood per token and perplexity of a split: per task, token-weighted (every token
     counts once: big tasks dominate) and averaged over tasks (every task counts once: the papers' tables).
-    train.py validates with this same function."""
+    Documents are scored grouped by length, at most pass_tokens positions a pass (forward_passes): the sums
+    are the same in any order. train.py validates with this same function."""
     was_training, started, shown = model.training, time.time(), time.time()
     model.eval()  # no adapter dropout while measuring
     D = len(model.task_names)
     nll, tokens, done = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.int64), 0
-    for x, y, t in forward_passes(split, list(range(len(split))), block_size, docs_per_pass, device):
+    for x, y, t in forward_passes(split, list(range(len(split))), block_size, pass_tokens, device):
         with autocast:
             doc_nll = model(x, t, y).sum(1)  # (n,) each document's NLL, summed over its scored tokens
         nll.index_add_(0, t.cpu(), doc_nll.double().cpu())  # each row into its task's slot
@@ -61,7 +62,7 @@ def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None,
         raise ValueError(f"{data} is not the dataset {path} was trained on (its documents or splits differ: prepared "
                          f"from another source, --seed or --split?); pass the right folder with --data")
     s = load_split(data, split)
-    m = evaluate(model, s, ckpt.args["block_size"], batch_size, device,
+    m = evaluate(model, s, ckpt.args["block_size"], batch_size * ckpt.args["block_size"], device,
                  label=f"{path} {split}")  # float32 on every device: these are the numbers we report
     columns = dict(task=model.task_names, train_docs=ckpt.train_sizes, docs=np.bincount(s.task_ids,
                    minlength=len(model.task_names)).tolist(), tokens=m["tokens"], ll=m["ll"], ppl=m["ppl"],
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ckpts", nargs="+", help="one or more ckpt.pt files written by train.py")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one each checkpoint was trained on)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="memory of one forward pass, in documents of the "
+                   "run's block size: it bounds the positions a pass computes; the numbers do not depend on it")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw perplexity against tau (needs matplotlib)")

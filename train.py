@@ -56,8 +56,9 @@ class TrainConfig:  # every field is a flag: --block-size for block_size
     targets: str = arg("c_attn", "comma list of c_attn, attn.c_proj, c_fc, mlp.c_proj")
     block_size: int = arg(256, "tokens per document >= 1; longer documents are cut")
     batch_size: int = arg(64, "documents per optimiser step >= 1")
-    micro_batch: int = arg(0, "documents per forward pass: less memory, exactly the same step; "
-                           "0 = 8 on a CPU (a laptop's memory), 32 on a GPU (16 GB)")
+    micro_batch: int = arg(0, "memory of one forward pass, in documents of --block-size tokens: a pass holds at "
+                           "most micro_batch × block_size positions (more documents when they are short); any "
+                           "value gives exactly the same step; 0 = 8 on a CPU (a laptop), 32 on a GPU (16 GB)")
     max_epochs: int = arg(20, "epochs at most, >= 1")
     patience: int = arg(5, "stop after this many epochs (>= 1) without a better validation log-likelihood")
     seed: int = arg(1337, "seed of Θ's initialisation, the document order and dropout")
@@ -200,6 +201,7 @@ def train(cfg: TrainConfig) -> None:
     # the device, the data, the model, the optimiser
     device, out = pick_device(cfg.device), Path(cfg.out)
     cfg.micro_batch = cfg.micro_batch or (32 if device.startswith("cuda") else 8)  # README: Memory
+    pass_tokens = cfg.micro_batch * cfg.block_size  # positions per forward pass, at most
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
     meta, train_split, val_split = load_meta(cfg.data), load_split(cfg.data, "train"), load_split(cfg.data, "val")
@@ -236,7 +238,7 @@ def train(cfg: TrainConfig) -> None:
             order = torch.randperm(len(train_split), generator=shuffle).tolist() if epoch > 0 else []
             batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]  # S, tasks mixed
             for i in range(state["done_in_epoch"], len(batches)):
-                passes = forward_passes(train_split, batches[i], cfg.block_size, cfg.micro_batch, device)
+                passes = forward_passes(train_split, batches[i], cfg.block_size, pass_tokens, device)
                 nll, prior_term = train_step(model, opt, passes, S, cfg.tau, cfg.likelihood, autocast)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
@@ -255,7 +257,7 @@ def train(cfg: TrainConfig) -> None:
                     saved_at = time.time()
 
             # validation: every task's perplexity; ckpt.pt keeps the best epoch, patience counts the others
-            m = evaluate(model, val_split, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val")
+            m = evaluate(model, val_split, cfg.block_size, pass_tokens, device, autocast, f"epoch {epoch} val")
             if improved := m["ll_task_avg"] > state["best_ll"]:
                 checkpoint(cfg, model, meta, epoch, m).save(out / "ckpt.pt")
                 state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb, prepare, write_checkpoint, write_hf_checkpoint
+from conftest import perturb, prepare, random_split, write_checkpoint, write_hf_checkpoint
 
 import eval as evaluate_cli
 import prepare_data
 from bora import BoRA, LoRAConfig, load_checkpoint
-from data import load_split
+from data import load_split, make_batch
 from gpt2 import GPT
 
 
@@ -84,6 +84,24 @@ def test_load_checkpoint_refuses_what_is_not_one(setup, tmp_path):
     path = write_ckpt(perturbed_bora(hf), setup["data"], hf, tmp_path / "run" / "ckpt.pt", 10.0)
     shutil.rmtree(hf)
     assert "base model" in eval_error(path) and "gone-gpt2" in eval_error(path)
+
+
+@pytest.mark.parametrize("pass_tokens", [1, 150, 10_000])  # a document a pass, a few, all in one
+def test_evaluate_gives_the_numbers_of_one_document_at_a_time(setup, pass_tokens):
+    """Sorted by length and trimmed, in passes of any size: each task's log-likelihood per token is the one
+    computed document by document over the whole softmax, in float64."""
+    model = perturbed_bora(setup["hf"]).eval()
+    split = random_split([2, 70, 5, 33, 12, 90, 8, 41, 3, 64, 17, 25, 4, 66, 9, 50, 21, 7])  # some cut at 64
+    m = evaluate_cli.evaluate(model, split, 64, pass_tokens, "cpu")
+    nll, tokens = [0.0] * 3, [0] * 3
+    with torch.no_grad():
+        for i in range(len(split)):
+            x, y, t = make_batch(split, [i], 64, "cpu")
+            log_p = torch.log_softmax(model(x, t).double(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+            nll[t.item()] -= log_p[y != -1].sum().item()
+            tokens[t.item()] += (y != -1).sum().item()
+    assert m["tokens"] == tokens
+    assert m["ll"] == pytest.approx([-n / k for n, k in zip(nll, tokens)], rel=1e-6)
 
 
 def test_single_report(setup):

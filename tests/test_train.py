@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapters, perturb, prepare, prior_by_hand, read_log, train_run, write_hf_checkpoint
+from conftest import adapters, perturb, prepare, prior_by_hand, random_split, read_log, train_run, write_hf_checkpoint
 
 import bora
 import train
 from bora import CKPT_FORMAT, BoRA, LoRAConfig
-from data import forward_passes, load_meta, load_split, make_batch
+from data import EOT, forward_passes, load_meta, load_split, make_batch
 from gpt2 import GPT
 
 def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
@@ -30,8 +30,9 @@ def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
     return perturb(model, seed=seed).train()
 
 
-def passes(split, doc_ids: list[int], docs_per_pass: int = 8):
-    return list(forward_passes(split, doc_ids, 32, docs_per_pass, "cpu"))
+def passes(split, doc_ids: list[int], micro_batch: int = 8):
+    """The forward passes train.py makes of a batch at block size 32: micro_batch × 32 positions at most."""
+    return list(forward_passes(split, doc_ids, 32, micro_batch * 32, "cpu"))
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -143,6 +144,49 @@ def test_micro_batches_give_the_same_step(small):
     for (name, a), b in zip(whole.named_parameters(), parts.parameters()):
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+            assert torch.allclose(a, b, atol=1e-6), name
+
+
+VARIED = [2, 70, 5, 33, 12, 90, 8, 41, 3, 64, 17, 25, 4, 66]  # tokens per document; block size 64 cuts three
+
+
+def test_forward_passes_hold_every_document_once_trimmed_under_the_budget():
+    split, doc_ids = random_split(VARIED), [11, 3, 0, 7, 13, 5, 9, 1, 4, 12, 10, 2, 8, 6]
+    grouped = list(forward_passes(split, doc_ids, 64, 100, "cpu"))
+    alone = [make_batch(split, [i], 64, "cpu") for i in doc_ids]  # each document in a pass of its own
+    assert sorted(r for p in grouped for r in unpadded_rows(p)) == sorted(r for b in alone for r in unpadded_rows(b))
+    for x, y, _ in grouped:
+        assert x.numel() <= 100 or len(x) == 1  # the budget: rows × the pass's longest row
+        assert (x[:, -1] != EOT).any()  # trimmed: the longest row fills the width
+    padded = len(doc_ids) * max(x.shape[1] for x, _, _ in alone)  # one pass, every row as wide as the longest
+    assert sum(x.numel() for x, _, _ in grouped) < padded / 2
+
+
+def unpadded_rows(batch) -> list[tuple]:
+    """Each row as (inputs, targets, task) without its padding, which is never scored (random_split's tokens
+    are never EOT, so EOT in the inputs is padding)."""
+    x, y, t = batch
+    n = (x != EOT).sum(1).tolist()
+    assert all((y[j, n[j]:] == -1).all() for j in range(len(x)))
+    return [(x[j, :n[j]].tolist(), y[j, :n[j]].tolist(), t[j].item()) for j in range(len(x))]
+
+
+@pytest.mark.parametrize("likelihood", ["doc-mean", "token-sum"])
+def test_sorted_trimmed_passes_give_the_step_of_one_forward_over_the_whole_batch(small, likelihood):
+    """The same 14 documents of varied length as one padded forward, or sorted into passes of <= 100 positions:
+    the same gradients and the same AdamW step, to float rounding."""
+    split, doc_ids = random_split(VARIED), list(range(len(VARIED)))
+    whole = perturbed_bora(small[1])
+    grouped = copy.deepcopy(whole)
+    results = []
+    for model, batch in ((whole, [make_batch(split, doc_ids, 64, "cpu")]),
+                         (grouped, forward_passes(split, doc_ids, 64, 100, "cpu"))):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        results.append(train.train_step(model, opt, batch, 3, 10.0, likelihood))
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+    for (name, a), b in zip(whole.named_parameters(), grouped.parameters()):
+        if a.requires_grad:  # float32 sums in another order: equal to 1e-5 of the gradient's scale
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5 * a.grad.abs().max().item()), name
             assert torch.allclose(a, b, atol=1e-6), name
 
 
