@@ -102,8 +102,15 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x)  # (N, T, vocab_size)
         scored = targets != -1  # (N, T): padding and prompts cost no (n_embd × vocab) matmul
-        nll = F.cross_entropy(self.lm_head(x[scored]).float(), targets[scored], reduction="none")  # (M,) float32
-        return torch.zeros(targets.shape, device=x.device).masked_scatter(scored, nll)  # (N, T)
+        x, targets = x[scored], targets[scored]  # (M, n_embd), (M,)
+        # F.cross_entropy(self.lm_head(x).float(), targets, reduction="none"), a chunk of positions at a time,
+        # so that no (M, vocab) logits of hundreds of MB exist. On a CPU that is speed as well as memory:
+        # glibc hands out blocks over 32 MB as fresh pages from the OS, which the kernel zero-fills one page
+        # fault at a time (a third of a step). 128 positions of GPT-2's logits take 26 MB; a GPU wants more.
+        chunk = 128 if x.device.type == "cpu" else 4096
+        nll = torch.cat([F.cross_entropy(self.lm_head(x_c).float(), t_c, reduction="none")
+                         for x_c, t_c in zip(x.split(chunk), targets.split(chunk))])  # (M,) float32
+        return torch.zeros(scored.shape, device=x.device).masked_scatter(scored, nll)  # (N, T)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None

@@ -114,15 +114,17 @@ def test_future_tokens_never_change_earlier_logits(tiny_hf_dir, idx):
     assert not torch.allclose(before[:, 15:], after[:, 15:])  # the change does reach its own position onwards
 
 
-def test_loss_ignores_targets_of_minus_one(tiny_hf_dir, idx):
-    """With targets, each target's NLL from the full logits, and exactly 0 where the target is -1."""
+def test_loss_ignores_targets_of_minus_one(tiny_hf_dir):
+    """With targets, each target's NLL from the full logits, and exactly 0 where the target is -1; 285
+    scored targets, so that the head runs in several chunks."""
     model = GPT.from_pretrained(str(tiny_hf_dir))
+    idx = torch.randint(0, TINY["vocab_size"], (3, 100), generator=torch.Generator().manual_seed(2))
     targets = idx.roll(-1, dims=1)
     targets[:, :5] = -1
     with torch.no_grad():
         logits, nll = model(idx), model(idx, targets)  # (N, T, V), (N, T)
     expected = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), targets[:, 5:].flatten(), reduction="none")
-    assert nll.shape == targets.shape and torch.equal(nll[:, :5], torch.zeros(2, 5))
+    assert nll.shape == targets.shape and torch.equal(nll[:, :5], torch.zeros(3, 5))
     assert torch.allclose(nll[:, 5:].flatten(), expected, atol=1e-5)
 
 
