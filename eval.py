@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw perplexity against tau (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     with one_line_errors():
         if args.plot:
             pyplot()  # fail before the slow part if matplotlib is missing

@@ -140,6 +140,10 @@ def test_several_checkpoints_side_by_side(setup):
     assert f"{gain:+.1%}" in next(line for line in table.splitlines() if line.startswith("alpha"))
 
 
+def test_batch_size_below_one_is_a_one_line_error(setup):
+    assert "--batch-size" in eval_error(setup["ckpts"][10.0], "--batch-size", "0")
+
+
 def test_eval_refuses_another_dataset(setup, tmp_path):
     other = prepare(tmp_path, {"alpha": 4, "beta": 6, "gamma": 8}, seed=1)  # same tasks, other texts
     assert "--data" in eval_error(setup["ckpts"][10.0], "--data", other)
