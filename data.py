@@ -115,16 +115,17 @@ def make_batch(split: Split, doc_ids: list[int], block_size: int, device: str
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), t.to(device)
 
 
-def forward_passes(split: Split, doc_ids: list[int], block_size: int, max_tokens: int, device: str
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def forward_passes(split: Split, doc_ids: list[int], block_size: int, max_tokens: int, device: str,
+                   max_docs: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The documents in forward passes of at most max_tokens positions (rows × longest row, padding
-    included), so that memory is bounded whatever the lengths: sorted longest first, so each pass
-    holds documents of about one length and computes little padding (a document longer than
-    max_tokens gets a pass of its own). Any grouping gives the same optimiser step and the same
-    evaluation: every term is one document's."""
+    included), so that memory is bounded whatever the lengths, and at most max_docs rows (0: no limit).
+    Sorted longest first, so that each pass holds documents of about one length and computes little
+    padding; a document longer than max_tokens gets a pass of its own. Any grouping gives the same
+    optimiser step and the same evaluation: every term is one document's."""
     rows = np.minimum(np.diff(split.offsets)[doc_ids], block_size + 1) - 1  # positions of each document
     order, start = np.argsort(-rows, kind="stable"), 0  # longest first
     while start < len(order):
         n = max(1, max_tokens // max(rows[order[start]], 1))  # the longest left sets the pass's width
+        n = min(n, max_docs) if max_docs else n
         yield make_batch(split, [doc_ids[j] for j in order[start:start + n]], block_size, device)
         start += n

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from bora import BoRA, Checkpoint, LoRAConfig
-from cli import ArgumentParser, jsonable, one_line_errors, pick_device
+from cli import ArgumentParser, jsonable, keep_freed_memory, one_line_errors, pick_device
 from data import forward_passes, load_meta, load_split
 from eval import evaluate
 from gpt2 import GPT
@@ -56,9 +56,12 @@ class TrainConfig:  # every field is a flag: --block-size for block_size
     targets: str = arg("c_attn", "comma list of c_attn, attn.c_proj, c_fc, mlp.c_proj")
     block_size: int = arg(256, "tokens per document >= 1; longer documents are cut")
     batch_size: int = arg(64, "documents per optimiser step >= 1")
-    micro_batch: int = arg(0, "memory of one forward pass, in documents of --block-size tokens: a pass holds at "
-                           "most micro_batch × block_size positions (more documents when they are short); any "
-                           "value gives exactly the same step; 0 = 8 on a CPU (a laptop), 32 on a GPU (16 GB)")
+    pass_tokens: int = arg(0, "positions one forward pass computes at most (documents × the longest, padding "
+                           "included): it bounds a pass's memory, and a batch's documents, sorted by length, share "
+                           "passes under it; any value gives exactly the same step; 0 = 512 on a CPU, 8192 on a "
+                           "GPU (16 GB)")
+    micro_batch: int = arg(0, "documents per forward pass at most, 0 = as many as --pass-tokens holds; any value "
+                           "gives exactly the same step")
     max_epochs: int = arg(20, "epochs at most, >= 1")
     patience: int = arg(5, "stop after this many epochs (>= 1) without a better validation log-likelihood")
     seed: int = arg(1337, "seed of Θ's initialisation, the document order and dropout")
@@ -78,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kind)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     valid = dict(tau=cfg.tau >= 0, lr=cfg.lr > 0, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
-                 block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, micro_batch=cfg.micro_batch >= 0,
+                 block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, pass_tokens=cfg.pass_tokens >= 0,
+                 micro_batch=cfg.micro_batch >= 0,
                  max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1, save_every=cfg.save_every > 0,
                  dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
     for name in (name for name, ok in valid.items() if not ok):
@@ -200,8 +204,7 @@ def resume(cfg: TrainConfig, model: BoRA, meta: dict, opt: torch.optim.Optimizer
 def train(cfg: TrainConfig) -> None:
     # the device, the data, the model, the optimiser
     device, out = pick_device(cfg.device), Path(cfg.out)
-    cfg.micro_batch = cfg.micro_batch or (32 if device.startswith("cuda") else 8)  # README: Memory
-    pass_tokens = cfg.micro_batch * cfg.block_size  # positions per forward pass, at most
+    cfg.pass_tokens = cfg.pass_tokens or (8192 if device.startswith("cuda") else 512)  # README: Memory
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
     meta, train_split, val_split = load_meta(cfg.data), load_split(cfg.data, "train"), load_split(cfg.data, "val")
@@ -238,7 +241,7 @@ def train(cfg: TrainConfig) -> None:
             order = torch.randperm(len(train_split), generator=shuffle).tolist() if epoch > 0 else []
             batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]  # S, tasks mixed
             for i in range(state["done_in_epoch"], len(batches)):
-                passes = forward_passes(train_split, batches[i], cfg.block_size, pass_tokens, device)
+                passes = forward_passes(train_split, batches[i], cfg.block_size, cfg.pass_tokens, device, cfg.micro_batch)
                 nll, prior_term = train_step(model, opt, passes, S, cfg.tau, cfg.likelihood, autocast)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 per_step = (time.time() - t0) / (state["step"] - steps0)
@@ -257,7 +260,7 @@ def train(cfg: TrainConfig) -> None:
                     saved_at = time.time()
 
             # validation: every task's perplexity; ckpt.pt keeps the best epoch, patience counts the others
-            m = evaluate(model, val_split, cfg.block_size, pass_tokens, device, autocast, f"epoch {epoch} val")
+            m = evaluate(model, val_split, cfg.block_size, cfg.pass_tokens, device, autocast, f"epoch {epoch} val")
             if improved := m["ll_task_avg"] > state["best_ll"]:
                 checkpoint(cfg, model, meta, epoch, m).save(out / "ckpt.pt")
                 state.update(best_ll=m["ll_task_avg"], best_epoch=epoch)
@@ -305,11 +308,12 @@ def run_folder(cfg: TrainConfig) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    keep_freed_memory()
     with one_line_errors(), run_folder(cfg):
         try:
             train(cfg)
         except torch.cuda.OutOfMemoryError:
-            raise ValueError(f"out of GPU memory with --micro-batch {cfg.micro_batch}; a smaller one gives the same "
+            raise ValueError(f"out of GPU memory with --pass-tokens {cfg.pass_tokens}; a smaller one gives the same "
                              "result") from None
 
 

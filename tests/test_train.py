@@ -31,8 +31,8 @@ def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
 
 
 def passes(split, doc_ids: list[int], micro_batch: int = 8):
-    """The forward passes train.py makes of a batch at block size 32: micro_batch × 32 positions at most."""
-    return list(forward_passes(split, doc_ids, 32, micro_batch * 32, "cpu"))
+    """The forward passes train.py makes of a batch at block size 32, at most micro_batch documents each."""
+    return list(forward_passes(split, doc_ids, 32, 512, "cpu", micro_batch))
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -158,6 +158,8 @@ def test_forward_passes_hold_every_document_once_trimmed_under_the_budget():
     for x, y, _ in grouped:
         assert x.numel() <= 100 or len(x) == 1  # the budget: rows × the pass's longest row
         assert (x[:, -1] != EOT).any()  # trimmed: the longest row fills the width
+    assert max(len(x) for x, _, _ in grouped) > 3  # short documents share a pass ...
+    assert max(len(x) for x, _, _ in forward_passes(split, doc_ids, 64, 100, "cpu", max_docs=3)) == 3  # ... or 3 at most
     padded = len(doc_ids) * max(x.shape[1] for x, _, _ in alone)  # one pass, every row as wide as the longest
     assert sum(x.numel() for x, _, _ in grouped) < padded / 2
 
@@ -217,11 +219,11 @@ def test_tau_zero_stores_theta_as_the_mean_of_the_task_adapters(small, tmp_path)
             assert torch.allclose(a[key], a[key[:-len("_mean")]].mean(0), atol=1e-7), (name, key)
 
 
-def test_default_micro_batch_is_sized_for_the_device(small, tmp_path):
-    """--micro-batch 0 (the default) becomes 8 on a CPU, which a laptop holds; args.json records what ran."""
+def test_default_pass_size_is_sized_for_the_device(small, tmp_path):
+    """--pass-tokens 0 (the default) becomes 512 on a CPU, which a laptop holds; args.json records what ran."""
     data, hf = small
     run = train_run(data, hf, tmp_path / "run", "--tau", "10", "--max-epochs", "1")
-    assert json.loads((run / "args.json").read_text())["micro_batch"] == 8
+    assert json.loads((run / "args.json").read_text())["pass_tokens"] == 512
 
 
 def test_flags_come_from_the_config_dataclass():
@@ -230,7 +232,7 @@ def test_flags_come_from_the_config_dataclass():
     assert c.targets == "c_attn,mlp.c_proj" and LoRAConfig(targets=c.targets).targets == ("c_attn", "mlp.c_proj")
     d = train.parse_args([])
     assert (d.rank, d.alpha, d.block_size, d.batch_size, d.max_epochs, d.patience) == (16, 16.0, 256, 64, 20, 5)
-    assert d.data == "data/emotion" and d.micro_batch == 0  # sized for the device when the run starts
+    assert d.data == "data/emotion" and d.pass_tokens == d.micro_batch == 0  # sized when the run starts
 
 
 # ---- checkpoints, resume, divergence ------------------------------------------------------------
