@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bora import BoRA, LoRAConfig
-from cli import pick_device
+from cli import keep_freed_memory, pick_device
 from data import EOT, Split, forward_passes, load_split, make_batch
 from gpt2 import GPT, GPTConfig
 from lora import LoRALinear
@@ -160,38 +160,36 @@ def corpus(lengths_from: str | None, tasks: int) -> Split:
                  np.full(len(lengths), 3))
 
 
-def padded_passes(split: Split, doc_ids: list[int], block_size: int, micro_batch: int, device: str) -> list:
+def padded_passes(split: Split, doc_ids: list[int], block_size: int, rows: int, device: str) -> list:
     """How train.py grouped a batch before issue 18: all its documents padded to the longest of them, then
-    cut into micro-batches of micro_batch rows, each as wide as that longest document."""
+    cut into micro-batches of `rows` documents, each as wide as that longest one."""
     x, y, t = make_batch(split, doc_ids, block_size, device)
-    return [(x[i:i + micro_batch], y[i:i + micro_batch], t[i:i + micro_batch]) for i in range(0, len(x), micro_batch)]
-
-
-def sorted_passes(split: Split, doc_ids: list[int], block_size: int, micro_batch: int, device: str) -> list:
-    """How train.py groups them now: sorted by length, passes of at most micro_batch × block_size positions."""
-    return list(forward_passes(split, doc_ids, block_size, micro_batch * block_size, device))
+    return [(x[i:i + rows], y[i:i + rows], t[i:i + rows]) for i in range(0, len(x), rows)]
 
 
 def grouping_table(bora: BoRA, args: argparse.Namespace, device: str) -> None:
-    split = corpus(args.lengths_from, args.tasks)
-    docs_per_step, micro_batch = TrainConfig.batch_size, args.micro_batch or (32 if device == "cuda" else 8)
+    split, docs_per_step = corpus(args.lengths_from, args.tasks), TrainConfig.batch_size
+    old_rows = 32 if device == "cuda" else 8  # --micro-batch's default before issue 18
+    pass_tokens = args.pass_tokens or (8192 if device == "cuda" else 512)  # train.py's default now
+    groupings = {
+        "padded to the batch's longest (before)": lambda ids, dev: padded_passes(split, ids, args.block_size, old_rows, dev),
+        "sorted, each pass trimmed (now)": lambda ids, dev: list(forward_passes(split, ids, args.block_size, pass_tokens, dev))}
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0)).tolist()
     batches = [order[i:i + docs_per_step] for i in range(0, len(order), docs_per_step)]  # one epoch, as train.py
-    groupings = {"padded to the batch's longest (before)": padded_passes, "sorted, each pass trimmed (now)": sorted_passes}
     lengths = np.diff(split.offsets)
     print(f"\n{len(split):,} documents of varied length ({args.lengths_from or 'built in'}; tokens per document: "
           f"median {np.median(lengths):.0f}, mean {lengths.mean():.0f}, 95th percentile {np.percentile(lengths, 95):.0f}), "
-          f"{docs_per_step} a step, micro-batch {micro_batch}, cut at {args.block_size + 1}")
+          f"{docs_per_step} a step, cut at {args.block_size + 1}; before: micro-batches of {old_rows}, now: passes of "
+          f"at most {pass_tokens} positions")
     for name, group in groupings.items():  # every batch of the epoch, counted on the CPU
-        passes = [p for batch in batches for p in group(split, batch, args.block_size, micro_batch, "cpu")]
+        passes = [p for batch in batches for p in group(batch, "cpu")]
         positions, scored = sum(y.numel() for _, y, _ in passes), sum((y != -1).sum().item() for _, y, _ in passes)
         print(f"  {name:<50} {positions / scored:5.2f} positions computed per scored token, "
               f"{len(passes) / len(batches):.1f} passes a step")
     opt = torch.optim.SGD([p for p in bora.parameters() if p.requires_grad], lr=0.0)  # the step's work, no move
 
     def step(group: Callable, timed: itertools.cycle) -> Callable[[], float]:
-        return lambda: train_step(bora, opt, group(split, next(timed), args.block_size, micro_batch, device),
-                                  len(batches), 100.0)[0]
+        return lambda: train_step(bora, opt, group(next(timed), device), len(batches), 100.0)[0]
     timed = {name: step(group, itertools.cycle(batches[:args.steps])) for name, group in groupings.items()}
     results = median_times(timed, args.warmup, args.steps, device)
     print_table(f"train.py's step (loss: its likelihood term, {args.steps} batches)", results,
@@ -256,15 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed rounds of whole-model steps; medians shown")
     parser.add_argument("--lengths-from", metavar="DATASET", help="a prepared dataset whose training split is the "
                         "corpus of varied length (default: one like the issue's)")
-    parser.add_argument("--micro-batch", type=int, default=0, help="as train.py's: 0 = 8 on a CPU, 32 on a GPU")
+    parser.add_argument("--pass-tokens", type=int, default=0, help="as train.py's: 0 = 512 on a CPU, 8192 on a GPU")
     parser.add_argument("--new-tokens", type=int, help="tokens to generate (default: --block-size, at most 64)")
     args = parser.parse_args(argv)
     args.new_tokens = args.new_tokens or min(args.block_size, 64)
     if not (1 <= args.block_size <= 1024 and min(args.batch_size, args.tasks, args.steps, args.new_tokens) >= 1
-            and min(args.warmup, args.micro_batch) >= 0):
+            and min(args.warmup, args.pass_tokens) >= 0):
         sys.exit("error: need 1 <= --block-size <= 1024, --batch-size, --tasks, --steps, --new-tokens >= 1, "
-                 "--warmup, --micro-batch >= 0")
+                 "--warmup, --pass-tokens >= 0")
     device = pick_device(args.device)
+    keep_freed_memory()  # as train.py and eval.py do
     torch.manual_seed(0)
     lora = LoRAConfig(rank=args.rank, alpha=float(args.rank))
     base = GPT(GPTConfig())  # GPT-2 124M shapes, random weights

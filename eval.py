@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from bora import BoRA, load_checkpoint
-from cli import ArgumentParser, one_line_errors, pick_device, to_json
+from cli import ArgumentParser, keep_freed_memory, one_line_errors, pick_device, to_json
 from data import Split, forward_passes, load_meta, load_split
 
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    keep_freed_memory()
     with one_line_errors():
         if args.plot:
             pyplot()  # fail before the slow part if matplotlib is missing
