@@ -135,9 +135,13 @@ class GPT(nn.Module):
         # so that no (M, vocab) logits of hundreds of MB exist. On a CPU that is speed as well as memory:
         # glibc hands out blocks over 32 MB as fresh pages from the OS, which the kernel zero-fills one page
         # fault at a time (a third of a step). 128 positions of GPT-2's logits take 26 MB; a GPU wants more.
+        # nll exists before the chunks: small results allocated between them would pin glibc's heap, and the
+        # next chunk's logits could not reuse the memory of the last one's.
         chunk = 128 if x.device.type == "cpu" else 4096
-        nll = torch.cat([F.cross_entropy(self.lm_head(x_c).float(), t_c, reduction="none")
-                         for x_c, t_c in zip(x.split(chunk), targets.split(chunk))])  # (M,) float32
+        nll = torch.empty(len(targets), device=x.device)  # (M,) float32, filled a chunk at a time
+        for i in range(0, len(targets), chunk):
+            logits = self.lm_head(x[i:i + chunk]).float()  # (chunk, vocab)
+            nll[i:i + chunk] = F.cross_entropy(logits, targets[i:i + chunk], reduction="none")
         return torch.zeros(scored.shape, device=x.device).masked_scatter(scored, nll)  # (N, T)
 
     @torch.no_grad()
