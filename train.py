@@ -82,9 +82,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     valid = dict(tau=cfg.tau >= 0, lr=cfg.lr > 0, likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
                  block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, pass_tokens=cfg.pass_tokens >= 0,
-                 micro_batch=cfg.micro_batch >= 0,
-                 max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1, save_every=cfg.save_every > 0,
-                 dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
+                 micro_batch=cfg.micro_batch >= 0, max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1,
+                 save_every=cfg.save_every > 0, dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
     for name in (name for name, ok in valid.items() if not ok):
         p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not valid: {TrainConfig.__dataclass_fields__[name].metadata['help']}")
     return cfg
