@@ -5,11 +5,20 @@ GPT-2 124M shapes with random weights (nothing is downloaded), a batch whose row
     the same code with a single task (D = 1, every id 0), and a textbook LoRA layer (x Aᵀ Bᵀ, one
     adapter, no gather) — the baseline, plain LoRA's cost;
   - a whole training step (forward + backward of the mean CE + the prior penalty): BoRA over the
-    mixed batch, textbook LoRA, and the reference code's way, a loop over the tasks in the batch
-    with one forward/backward per task's sub-batch;
-  - inference: mixed-task logits vs one task merged into a plain GPT; adapter memory per task.
+    mixed batch, the same with the whole batch's logits at once (as before issue 18: on a CPU every
+    step then gets hundreds of MB of fresh pages from the OS), textbook LoRA, and the reference code's
+    way, a loop over the tasks in the batch with one forward/backward per task's sub-batch;
+  - a corpus of varied length (the issue's: median 31, mean ~50, 95th percentile ~160 tokens, or
+    --lengths-from a prepared dataset): train.py's step of 64 documents, grouped into forward passes
+    as before issue 18 (padded to the batch's longest) and now (sorted, each pass trimmed): positions
+    computed per scored token over an epoch, seconds per step and per epoch;
+  - inference: mixed-task logits vs one task merged into a plain GPT; adapter memory per task;
+  - generation, tokens/s: the KV cache vs the loop that reruns the whole sequence, and vs Hugging
+    Face's generate when transformers is installed (greedy, so all must give the same tokens).
 Timings are medians over repetitions taken round-robin, so that a slow spell of the machine hits
-every variant alike; only ratios are meant to be compared, and only within one run.
+every variant alike; only ratios are meant to be compared, and only within one run. On a CPU the
+tables also show page faults per run (fresh pages, each zero-filled by the kernel), on a GPU the
+peak memory allocated.
 
     python bench.py                          # CPU, batch 8 x 256 tokens, 6 tasks, rank 16 on c_attn
     python bench.py --block-size 64 --steps 2     # a quicker look
@@ -22,19 +31,27 @@ cli.exit_on_interrupt(__name__)
 
 import argparse
 import copy
+import itertools
+import math
+import resource
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bora import BoRA, LoRAConfig
-from cli import one_line_errors, pick_device
+from cli import keep_freed_memory, one_line_errors, pick_device
+from data import EOT, Split, forward_passes, load_split, make_batch, pass_groups
 from gpt2 import GPT, GPTConfig
 from lora import LoRALinear
+from train import TrainConfig, train_step
 
 
 class TextbookLoRA(nn.Module):
@@ -57,20 +74,38 @@ def textbook_lora_gpt(base: GPT, rank: int, alpha: float) -> GPT:
     return gpt
 
 
+@dataclass
+class Measured:
+    seconds: float  # median over the repetitions
+    loss: float  # of the last run
+    page_faults: int  # median per run: pages the OS had to hand out afresh (CPU)
+    peak_mb: float  # the most memory allocated during a run (CUDA)
+
+
+def page_faults() -> int:
+    """Minor page faults so far: pages the OS handed this process afresh, each zero-filled by the kernel."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def median_times(variants: dict[str, Callable[[], float]], warmup: int, repeats: int, device: str
-                 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Run every variant warmup + repeats times, round-robin; median seconds and last loss of each."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
+                 ) -> dict[str, Measured]:
+    """Run every variant warmup + repeats times, round-robin, and measure each run."""
+    runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in variants}
     losses: dict[str, float] = {}
     for rep in range(warmup + repeats):
         for name, run in variants.items():
-            start = time.perf_counter()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            faults, start = page_faults(), time.perf_counter()
             losses[name] = run()
             if device == "cuda":
                 torch.cuda.synchronize()
+            seconds, faults = time.perf_counter() - start, page_faults() - faults
             if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}, losses
+                runs[name].append((seconds, faults, torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+                                   else math.nan))
+    return {name: Measured(statistics.median(r[0] for r in rs), losses[name], int(statistics.median(r[1] for r in rs)),
+                           max(r[2] for r in rs)) for name, rs in runs.items()}
 
 
 def training_step(module: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
@@ -103,11 +138,113 @@ def prior_sum(bora: BoRA) -> torch.Tensor:
     return sum((m.A - m.A_mean).pow(2).sum() + (m.B - m.B_mean).pow(2).sum() for m in bora.adapted.values())
 
 
-def print_table(title: str, times: dict[str, float], baseline: str, losses: dict[str, float] | None = None) -> None:
-    print(f"\n{title:<44} seconds" + ("    loss" if losses else "") + f"   vs {baseline}")
-    for name, seconds in times.items():
-        loss = f"  {losses[name]:6.3f}" if losses else ""
-        print(f"  {name:<42} {seconds:7.3f}{loss}  {seconds / times[baseline]:6.3f}x")
+def print_table(title: str, results: dict[str, Measured], baseline: str, loss: bool = False) -> None:
+    cuda = not math.isnan(next(iter(results.values())).peak_mb)
+    print(f"\n{title:<52} seconds" + ("      loss" if loss else "") + f"   vs {baseline}"
+          + ("   peak MB" if cuda else "   page faults"))
+    for name, r in results.items():
+        print(f"  {name:<50} {r.seconds:7.3f}" + (f"  {r.loss:8.3f}" if loss else "")
+              + f"  {r.seconds / results[baseline].seconds:6.3f}x"
+              + (f"  {r.peak_mb:8.0f}" if cuda else f"  {r.page_faults:12,}"))
+
+
+# ---- A corpus of varied length: how a batch's documents are grouped into forward passes ----
+
+def corpus(lengths_from: str | None, tasks: int) -> Split:
+    """A prepared dataset's training split, or one like 14,372 fortunes as "[task] " + text + <|endoftext|>
+    (issue 18): 7,186 training documents of lognormal length, median 31, mean ~50, 95th percentile ~160
+    tokens, of random tokens after a 3-token task prompt."""
+    if lengths_from:
+        split = load_split(lengths_from, "train")
+        return Split(split.tokens, split.offsets, split.task_ids % tasks, split.prompt_lens)
+    rng = np.random.default_rng(0)
+    lengths = np.maximum(np.exp(rng.normal(math.log(31), 1.0, 7186)), 4).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return Split(rng.integers(0, EOT, offsets[-1]).astype(np.uint16), offsets, np.arange(len(lengths)) % tasks,
+                 np.full(len(lengths), 3))
+
+
+def padded_passes(split: Split, doc_ids: list[int], block_size: int, rows: int, device: str) -> list:
+    """How train.py grouped a batch before issue 18: all its documents padded to the longest of them, then
+    cut into micro-batches of `rows` documents, each as wide as that longest one."""
+    x, y, t = make_batch(split, doc_ids, block_size, device)
+    return [(x[i:i + rows], y[i:i + rows], t[i:i + rows]) for i in range(0, len(x), rows)]
+
+
+def grouping_table(bora: BoRA, args: argparse.Namespace, device: str) -> None:
+    split, docs_per_step = corpus(args.lengths_from, args.tasks), TrainConfig.batch_size
+    old_rows = 32 if device == "cuda" else 8  # --micro-batch's default before issue 18
+    pass_tokens = args.pass_tokens or (8192 if device == "cuda" else 512)  # train.py's default now
+    groupings = {
+        "padded to the batch's longest (before)": lambda ids, dev: padded_passes(split, ids, args.block_size, old_rows, dev),
+        "sorted, each pass trimmed (now)": lambda ids, dev: list(forward_passes(split, pass_groups(split, ids, args.block_size, pass_tokens), args.block_size, dev))}
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [order[i:i + docs_per_step] for i in range(0, len(order), docs_per_step)]  # one epoch, as train.py
+    lengths = np.diff(split.offsets)
+    print(f"\n{len(split):,} documents of varied length ({args.lengths_from or 'built in'}; tokens per document: "
+          f"median {np.median(lengths):.0f}, mean {lengths.mean():.0f}, 95th percentile {np.percentile(lengths, 95):.0f}), "
+          f"{docs_per_step} a step, cut at {args.block_size + 1}; before: micro-batches of {old_rows}, now: passes of "
+          f"at most {pass_tokens} positions")
+    for name, group in groupings.items():  # every batch of the epoch, counted on the CPU
+        passes = [p for batch in batches for p in group(batch, "cpu")]
+        positions, scored = sum(y.numel() for _, y, _ in passes), sum((y != -1).sum().item() for _, y, _ in passes)
+        print(f"  {name:<50} {positions / scored:5.2f} positions computed per scored token, "
+              f"{len(passes) / len(batches):.1f} passes a step")
+    opt = torch.optim.SGD([p for p in bora.parameters() if p.requires_grad], lr=0.0)  # the step's work, no move
+
+    def step(group: Callable, timed: itertools.cycle) -> Callable[[], float]:
+        return lambda: train_step(bora, opt, group(next(timed), device), len(batches), 100.0)[0]
+    timed = {name: step(group, itertools.cycle(batches[:args.steps])) for name, group in groupings.items()}
+    results = median_times(timed, args.warmup, args.steps, device)
+    print_table(f"train.py's step (loss: its likelihood term, {args.steps} batches)", results,
+                "sorted, each pass trimmed (now)", loss=True)
+    for name, r in results.items():
+        print(f"  {name:<50} {r.seconds * len(batches) / 60:7.1f} min per epoch of {len(batches)} steps")
+
+
+# ---- Generation ----
+
+def uncached_generate(gpt: GPT, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding as GPT.generate did before issue 18: every step runs the whole sequence again."""
+    for _ in range(new_tokens):
+        idx = torch.cat([idx, gpt(idx[:, -gpt.config.block_size:])[:, -1:].argmax(-1)], dim=1)
+    return idx
+
+
+def hugging_face_generate(gpt: GPT, device: str) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """transformers' GPT2LMHeadModel.generate on the same weights (greedy, its own KV cache), if installed."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        return None
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as folder:
+        gpt.save_pretrained(folder)
+        hf = GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
+    return lambda idx, n: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=EOT)
+
+
+def generation_table(gpt: GPT, prompt: torch.Tensor, new_tokens: int, args: argparse.Namespace, device: str) -> None:
+    outputs: dict[str, torch.Tensor] = {}
+    variants = {"KV cache (GPT.generate)": lambda idx, n: gpt.generate(idx, n, top_k=1),
+                "no cache: the whole sequence every step (before)": lambda idx, n: uncached_generate(gpt, idx, n)}
+    if hf := hugging_face_generate(gpt, device):
+        variants["Hugging Face transformers' generate"] = hf
+
+    def run(name: str) -> Callable[[], float]:
+        def generate() -> float:
+            outputs[name] = variants[name](prompt, new_tokens)
+            return 0.0
+        return generate
+    with torch.no_grad():
+        results = median_times({name: run(name) for name in variants}, 1, args.steps, device)
+    print_table(f"generation of {new_tokens} tokens after {prompt.shape[1]}, greedy", results, "KV cache (GPT.generate)")
+    for name, r in results.items():
+        print(f"  {name:<50} {new_tokens / r.seconds:7.1f} tokens/s")
+    same = all(torch.equal(out, outputs["KV cache (GPT.generate)"]) for out in outputs.values())
+    print("  the same tokens from all" if same else "  NOT the same tokens: " + ", ".join(outputs))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,10 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of training steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed rounds of whole-model steps; medians shown")
+    parser.add_argument("--lengths-from", metavar="DATASET", help="a prepared dataset whose training split is the "
+                        "corpus of varied length (default: one like the issue's)")
+    parser.add_argument("--pass-tokens", type=int, default=0, help="as train.py's: 0 = 512 on a CPU, 8192 on a GPU")
+    parser.add_argument("--new-tokens", type=int, help="tokens to generate (default: --block-size, at most 64)")
     args = parser.parse_args(argv)
-    if not (1 <= args.block_size <= 1024 and min(args.batch_size, args.tasks, args.steps) >= 1 and args.warmup >= 0):
-        sys.exit("error: need 1 <= --block-size <= 1024, --batch-size, --tasks, --steps >= 1, --warmup >= 0")
+    args.new_tokens = args.new_tokens or min(args.block_size, 64)
+    if not (1 <= args.block_size <= 1024 and min(args.batch_size, args.tasks, args.steps, args.new_tokens) >= 1
+            and min(args.warmup, args.pass_tokens) >= 0):
+        sys.exit("error: need 1 <= --block-size <= 1024, --batch-size, --tasks, --steps, --new-tokens >= 1, "
+                 "--warmup, --pass-tokens >= 0")
     device = pick_device(args.device)
+    keep_freed_memory()  # as train.py and eval.py do
     torch.manual_seed(0)
     lora = LoRAConfig(rank=args.rank, alpha=float(args.rank))
     base = GPT(GPTConfig())  # GPT-2 124M shapes, random weights
@@ -144,26 +289,28 @@ def main(argv: list[str] | None = None) -> None:
     mixed_layer, textbook_layer = bora.gpt.transformer.h[0].attn.c_attn, textbook.transformer.h[0].attn.c_attn
     single_layer = LoRALinear(copy.deepcopy(mixed_layer.base), 1, lora.rank, lora.alpha).to(device)
     layers = [mixed_layer, single_layer, textbook_layer]
-    layer_times, _ = median_times({
+    layer_times = median_times({
         "BoRA, mixed tasks": training_step(layers[0], lambda: layers[0](x, ids).square().mean()),
         "BoRA, one task (D=1)": training_step(layers[1], lambda: layers[1](x, zeros).square().mean()),
         "textbook LoRA": training_step(layers[2], lambda: layers[2](x).square().mean()),
     }, 2, 5 * args.steps, device)
     print_table("one c_attn layer (forward + backward)", layer_times, "textbook LoRA")
 
-    train_times, train_losses = median_times({
+    whole_logits = lambda: F.cross_entropy(bora(idx, ids).flatten(0, 1), targets.flatten())  # noqa: E731
+    train_times = median_times({
         "BoRA, mixed tasks": training_step(bora, lambda: bora(idx, ids, targets).mean() + prior_sum(bora)),
+        "BoRA, the batch's logits at once (before #18)": training_step(bora, lambda: whole_logits() + prior_sum(bora)),
         "textbook LoRA": training_step(textbook, lambda: textbook(idx, targets).mean()),
         "loop over tasks, one pass per task": lambda: per_task_loop_step(bora, idx, ids, targets),
     }, args.warmup, args.steps, device)
-    print_table("training step (forward + backward + prior)", train_times, "textbook LoRA", train_losses)
-    loop_ratio = train_times["loop over tasks, one pass per task"] / train_times["BoRA, mixed tasks"]
+    print_table("training step (forward + backward + prior)", train_times, "textbook LoRA", loss=True)
+    loop_ratio = train_times["loop over tasks, one pass per task"].seconds / train_times["BoRA, mixed tasks"].seconds
     print(f"  loop over tasks / one mixed-task pass: {loop_ratio:.2f}x")
 
     merged = bora.merge(0).eval()
     bora.eval()
     with torch.no_grad():  # the training rounds above already warmed these shapes up
-        infer_times, _ = median_times({"BoRA, mixed tasks": lambda: bora(idx, ids).mean().item(),
+        infer_times = median_times({"BoRA, mixed tasks": lambda: bora(idx, ids).mean().item(),
                                        "merged GPT, one task": lambda: merged(idx).mean().item()},
                                       0, args.steps, device)
     print_table("inference (logits, no grad)", infer_times, "merged GPT, one task")
@@ -173,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     base_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
     print(f"\nadapter memory per task: {per_task:,} bytes = {per_task / base_bytes:.3%} of the base model "
           f"({base_bytes:,} bytes); the global mean Θ costs one more adapter")
+
+    bora.train()
+    grouping_table(bora, args, device)
+    generation_table(merged, idx[:1, :8], args.new_tokens, args, device)
 
 
 if __name__ == "__main__":

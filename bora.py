@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from files import atomic_write
-from gpt2 import GPT
+from gpt2 import GPT, KVCache
 from lora import GLOBAL, LoRALinear, check_task_ids
 
 TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")  # path suffixes; a bare c_proj would be ambiguous
@@ -69,12 +69,14 @@ class BoRA(nn.Module):
             for layer in self.adapted.values():
                 layer.task_ids = None
 
-    def forward(self, idx: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (N, T), task_ids (N,) with -1 = Θ -> GPT's output: logits (N, T, V), or with targets each one's NLL (N, T)."""
+    def forward(self, idx: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        """idx (N, T), task_ids (N,) with -1 = Θ -> GPT's output: logits (N, T, V), or with targets each one's NLL (N, T).
+        A generation's KV cache passes through: the adapters act on each new position like any other."""
         task_ids = torch.as_tensor(task_ids, device=idx.device)
         check_task_ids(task_ids, idx.shape[0], len(self.task_names))  # once here, not in every layer
         with self._routed(torch.full_like(task_ids, GLOBAL) if self.shared else task_ids):  # τ = ∞: every task is Θ
-            return self.gpt(idx, targets)  # gpt2.py's own code path, untouched
+            return self.gpt(idx, targets, cache)  # gpt2.py's own code path, untouched
 
     @torch.no_grad()
     def distances(self) -> torch.Tensor:

@@ -190,18 +190,33 @@ def make_batch(split: Split, doc_ids: list[int], block_size: int, device: str
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), t.to(device)
 
 
-def forward_passes(split: Split, doc_ids: list[int], block_size: int, docs_per_pass: int, device: str
+def pass_groups(split: Split, doc_ids: list[int], block_size: int, max_tokens: int, max_docs: int = 0
+                ) -> list[list[int]]:
+    """doc_ids grouped into forward passes of at most max_tokens positions (rows × longest row, padding
+    included), so that memory is bounded whatever the lengths, and at most max_docs rows (0: no limit).
+    Sorted longest first, so that each pass holds documents of about one length and computes little
+    padding; a document longer than max_tokens gets a pass of its own. Any grouping gives the same
+    optimiser step and the same evaluation: every term is one document's."""
+    rows = np.minimum(np.diff(split.offsets)[doc_ids], block_size + 1) - 1  # positions of each document
+    order, start, groups = np.argsort(-rows, kind="stable"), 0, []  # longest first
+    while start < len(order):
+        n = max(1, max_tokens // max(rows[order[start]], 1))  # the longest left sets the pass's width
+        n = min(n, max_docs) if max_docs else n
+        groups.append([doc_ids[j] for j in order[start:start + n]])
+        start += n
+    return groups
+
+
+def forward_passes(split: Split, groups: list[list[int]], block_size: int, device: str
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Documents cut into forward passes of at most docs_per_pass, each padded only to its own longest row.
-    Any grouping gives the same optimiser step and the same evaluation: every term is one document's."""
-    for i in range(0, len(doc_ids), docs_per_pass):
-        yield make_batch(split, doc_ids[i:i + docs_per_pass], block_size, device)
+    """One batch (x, y, task_ids) per group of pass_groups, each padded only to its own longest row."""
+    for docs in groups:
+        yield make_batch(split, docs, block_size, device)
 
 
-def rank_share(doc_ids: list[int], docs_per_pass: int, rank: int, ranks: int) -> list[int]:
-    """Rank `rank`'s part of doc_ids when `ranks` processes share them (torchrun): the forward passes that one
-    process would make, dealt out in runs of ⌈passes / ranks⌉, so that each rank makes exactly those passes.
-    With fewer passes than ranks, the last ranks get none."""
-    passes = math.ceil(len(doc_ids) / docs_per_pass)
-    run = math.ceil(passes / ranks) * docs_per_pass  # documents in ⌈passes / ranks⌉ passes
-    return doc_ids[rank * run:(rank + 1) * run]
+def rank_share(groups: list[list[int]], rank: int, ranks: int) -> list[list[int]]:
+    """Rank `rank`'s part of the forward passes one process would make (pass_groups) when `ranks` processes
+    share them (torchrun), dealt out in runs of ⌈passes / ranks⌉. With fewer passes than ranks, the last
+    ranks get none."""
+    run = math.ceil(len(groups) / ranks)
+    return groups[rank * run:(rank + 1) * run]

@@ -26,30 +26,32 @@ import torch
 import torch.distributed as dist
 
 from bora import BoRA, load_checkpoint
-from cli import ArgumentParser, all_sum, one_line_errors, pick_device, to_json
-from data import Split, load_meta, load_split, make_batch, rank_share, require_scored
+from cli import ArgumentParser, all_sum, keep_freed_memory, one_line_errors, pick_device, to_json
+from data import Split, load_meta, load_split, make_batch, pass_groups, rank_share, require_scored
 from files import writing
 
 
 @torch.no_grad()
-def score_documents(model: BoRA, split: Split, block_size: int, docs_per_pass: int, device: str,
+def score_documents(model: BoRA, split: Split, block_size: int, pass_tokens: int, device: str,
                     autocast=nullcontext(), label: str = "eval") -> tuple[np.ndarray, np.ndarray]:
-    """Each document's NLL, summed over its scored tokens (n_docs,), and its number of scored tokens (n_docs,)."""
+    """Each document's NLL, summed over its scored tokens (n_docs,), and its number of scored tokens (n_docs,).
+    Documents are scored grouped by length, at most pass_tokens positions a pass (data.pass_groups): each
+    document's sum is the same in any grouping."""
     was_training, started, shown = model.training, time.time(), time.time()
     model.eval()  # no adapter dropout while measuring
     nll, tokens = np.zeros(len(split)), np.zeros(len(split), dtype=np.int64)
     rank, ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = rank_share(list(range(len(split))), docs_per_pass, rank, ranks)  # torchrun: this rank's documents
-    for first in range(0, len(mine), docs_per_pass):
-        docs = mine[first:first + docs_per_pass]
+    mine = rank_share(pass_groups(split, list(range(len(split))), block_size, pass_tokens), rank, ranks)
+    done, total = 0, sum(len(docs) for docs in mine)  # torchrun: this rank's passes
+    for docs in mine:
         x, y, t = make_batch(split, docs, block_size, device)
         with autocast:
             nll[docs] = model(x, t, y).sum(1).double().cpu().numpy()  # each document's NLL (in float32)
         tokens[docs] = (y != -1).sum(1).cpu().numpy()
-        done = first + len(docs)
-        if rank == 0 and (time.time() - shown > 10 or (done == len(mine) and time.time() - started > 10)):
+        done += len(docs)
+        if rank == 0 and (time.time() - shown > 10 or (done == total and time.time() - started > 10)):
             rate, shown = done / (time.time() - started), time.time()
-            print(f"{label}: {done}/{len(mine)} docs, {rate:.1f} docs/s, {(len(mine) - done) / rate:.0f} s left",
+            print(f"{label}: {done}/{total} docs, {rate:.1f} docs/s, {(total - done) / rate:.0f} s left",
                   file=sys.stderr, flush=True)
     model.train(was_training)
     if dist.is_initialized():  # each document was scored by one rank: the sums are every document's scores
@@ -72,10 +74,10 @@ def summarise(nll: np.ndarray, tokens: np.ndarray, task_ids: np.ndarray, num_tas
             "ll_task_avg": task_ll, "ppl_task_avg": math.exp(-task_ll)}
 
 
-def evaluate(model: BoRA, split: Split, block_size: int, docs_per_pass: int, device: str, autocast=nullcontext(),
+def evaluate(model: BoRA, split: Split, block_size: int, pass_tokens: int, device: str, autocast=nullcontext(),
              label: str = "eval") -> dict:
     """summarise(score_documents(...)): the numbers eval.py reports; train.py validates with this same function."""
-    nll, tokens = score_documents(model, split, block_size, docs_per_pass, device, autocast, label)
+    nll, tokens = score_documents(model, split, block_size, pass_tokens, device, autocast, label)
     return summarise(nll, tokens, split.task_ids, len(model.task_names), model.task_names)
 
 
@@ -127,8 +129,9 @@ def evaluate_checkpoint(path: str, split: str = "test", data: str | None = None,
         raise ValueError(f"{data} is not the dataset {path} was trained on (its documents or splits differ: prepared "
                          f"from another source, --seed or --split?); pass the right folder with --data")
     s, D = load_split(data, split), len(model.task_names)
-    require_scored(s, model.task_names, ckpt.args["block_size"], split)
-    nll, tokens = score_documents(model, s, ckpt.args["block_size"], batch_size, device,
+    block_size = ckpt.args["block_size"]
+    require_scored(s, model.task_names, block_size, split)
+    nll, tokens = score_documents(model, s, block_size, batch_size * block_size, device,
                                   label=f"{path} {split}")  # float32 on every device: these are the numbers we report
     m = report(nll, tokens, s.task_ids, D, samples, seed, model.task_names)
     columns = dict(task=model.task_names, train_docs=ckpt.train_sizes, docs=np.bincount(s.task_ids, minlength=D).tolist(),
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ckpts", nargs="+", help="one or more ckpt.pt files written by train.py")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--data", help="dataset folder (default: the one each checkpoint was trained on)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="memory of one forward pass, in documents of the "
+                   "run's block size: it bounds the positions a pass computes; the numbers do not depend on it")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
     p.add_argument("--plot", metavar="FILE.png", help="draw perplexity against tau (needs matplotlib)")
@@ -252,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.bootstrap < 0 or args.bootstrap == 1:
         p.error(f"--bootstrap {args.bootstrap}: give 0 (no intervals) or at least 2 resamples (1000 is plenty)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    keep_freed_memory()
     with one_line_errors():
         if args.plot:
             pyplot()  # fail before the slow part if matplotlib is missing

@@ -28,6 +28,26 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
 
+class KVCache:
+    """One layer's keys and values (N, n_head, T, head_dim) of the T tokens read so far in generation. A
+    token's key and value never change once computed (attention is causal), so generation keeps them, and
+    each new token costs one position instead of a pass over the whole prefix."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values; return those of every token so far."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -35,13 +55,16 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values of all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         N, T, C = x.shape  # (N, T, n_embd): N documents of T tokens
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (N, T, n_embd)
         # (N, T, C) -> (N, n_head, T, head_dim): every head attends on its own slice of the embedding
         q, k, v = (t.view(N, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # softmax(q kᵀ / √head_dim) v with the future masked out, in one fused kernel
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, n_head, T, head_dim)
+        if cache is not None:  # generation: the earlier tokens' keys and values come first
+            k, v = cache.extend(k, v)  # (N, n_head, T_before + T, head_dim)
+        # softmax(q kᵀ / √head_dim) v with the future masked out, in one fused kernel; a single new token
+        # (after the prompt, GPT.forward allows no more) may see every key, so it needs no mask
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (N, n_head, T, head_dim)
         return self.c_proj(y.transpose(1, 2).contiguous().view(N, T, C))  # heads side by side again
 
 
@@ -66,8 +89,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -88,29 +111,54 @@ class GPT(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[KVCache] | None = None
+                ) -> torch.Tensor:
         """idx (N, T) -> the logits (N, T, vocab) of every position; or, given targets (N, T), what training
         and evaluation need: each target's NLL −log p(target | the tokens before), (N, T), 0 where the
-        target is -1 (not scored). Logits are then computed only where a target is scored."""
-        if idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(idx.shape[1], device=idx.device)  # (T,)
+        target is -1 (not scored). Logits are then computed only where a target is scored.
+        With a cache (one KVCache per layer, see generate), idx follows the tokens the cache holds."""
+        before = len(cache[0]) if cache else 0  # tokens already in the cache
+        if before + idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of {before + idx.shape[1]} tokens is longer than block_size {self.config.block_size}")
+        if before and idx.shape[1] > 1:  # attention's causal mask would align the new tokens with the first keys
+            raise ValueError("after the prompt, a cached forward takes one token at a time")
+        pos = torch.arange(before, before + idx.shape[1], device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (N, T, n_embd)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache else None)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x)  # (N, T, vocab_size)
         scored = targets != -1  # (N, T): padding and prompts cost no (n_embd × vocab) matmul
-        nll = F.cross_entropy(self.lm_head(x[scored]).float(), targets[scored], reduction="none")  # (M,) float32
-        return torch.zeros(targets.shape, device=x.device).masked_scatter(scored, nll)  # (N, T)
+        x, targets = x[scored], targets[scored]  # (M, n_embd), (M,)
+        # F.cross_entropy(self.lm_head(x).float(), targets, reduction="none"), a chunk of positions at a time,
+        # so that no (M, vocab) logits of hundreds of MB exist. On a CPU that is speed as well as memory:
+        # glibc hands out blocks over 32 MB as fresh pages from the OS, which the kernel zero-fills one page
+        # fault at a time (a third of a step). 128 positions of GPT-2's logits take 26 MB; a GPU wants more.
+        # nll exists before the chunks: small results allocated between them would pin glibc's heap, and the
+        # next chunk's logits could not reuse the memory of the last one's.
+        chunk = 128 if x.device.type == "cpu" else 4096
+        nll = torch.empty(len(targets), device=x.device)  # (M,) float32, filled a chunk at a time
+        for i in range(0, len(targets), chunk):
+            logits = self.lm_head(x[i:i + chunk]).float()  # (chunk, vocab)
+            nll[i:i + chunk] = F.cross_entropy(logits, targets[i:i + chunk], reduction="none")
+        return torch.zeros(scored.shape, device=x.device).masked_scatter(scored, nll)  # (N, T)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
                  ) -> torch.Tensor:
-        """Extend idx (N, T) by sampling max_new_tokens tokens, one at a time."""
+        """Extend idx (N, T) by sampling max_new_tokens tokens, one at a time. Each layer keeps the keys and
+        values of the tokens so far (a KV cache), so a step computes only the newest position. Once the
+        sequence outgrows block_size, the window of its last block_size tokens moves on by one token every
+        step, their positions change, and every step computes the whole window again, as without a cache."""
+        cache = None
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :] / temperature  # (N, vocab): the next token
+            if cache is None or idx.shape[1] > self.config.block_size:  # the prompt, or a window that moved
+                cache = [KVCache() for _ in self.transformer.h]
+                logits = self(idx[:, -self.config.block_size:], cache=cache)  # (N, T, vocab)
+            else:
+                logits = self(idx[:, -1:], cache=cache)  # (N, 1, vocab): the earlier tokens are in the cache
+            logits = logits[:, -1, :] / temperature  # (N, vocab): the next token
             if top_k is not None:
                 kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth_best, float("-inf"))

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from bora import BoRA, Checkpoint, LoRAConfig
-from cli import ArgumentParser, all_sum, interrupts, jsonable, one_line_errors, pick_device, uninterrupted
-from data import forward_passes, load_meta, load_split, rank_share, require_scored, scored_tokens
+from cli import (ArgumentParser, all_sum, interrupts, jsonable, keep_freed_memory, one_line_errors, pick_device,
+                 uninterrupted)
+from data import forward_passes, load_meta, load_split, pass_groups, rank_share, require_scored, scored_tokens
 from eval import evaluate
 from files import append_line, atomic_write
 from gpt2 import GPT
@@ -74,8 +75,12 @@ class TrainConfig:  # every field is a flag: --block-size for block_size
     targets: str = arg("c_attn", "comma list of c_attn, attn.c_proj, c_fc, mlp.c_proj")
     block_size: int = arg(256, "tokens per document >= 1; longer documents are cut")
     batch_size: int = arg(64, "documents per optimiser step >= 1")
-    micro_batch: int = arg(0, "documents per forward pass: less memory, exactly the same step; "
-                           "0 = 8 on a CPU (a laptop's memory), 32 on a GPU (16 GB)")
+    pass_tokens: int = arg(0, "positions one forward pass computes at most (documents × the longest, padding "
+                           "included): it bounds a pass's memory, and a batch's documents, sorted by length, share "
+                           "passes under it; any value gives exactly the same step; 0 = 512 on a CPU, 8192 on a "
+                           "GPU (16 GB)")
+    micro_batch: int = arg(0, "documents per forward pass at most, 0 = as many as --pass-tokens holds; any value "
+                           "gives exactly the same step")
     max_epochs: int = arg(20, "epochs at most, >= 1")
     patience: int = arg(5, "stop after this many epochs (>= 1) without a better validation log-likelihood")
     seed: int = arg(1337, "seed of Θ's initialisation, the document order and dropout")
@@ -99,9 +104,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                  len({float(t) for t in taus}) == len(taus), lr=0 < cfg.lr < math.inf,
                  likelihood=cfg.likelihood in ("doc-mean", "token-sum"),
                  rank=cfg.rank >= 1, alpha=math.isfinite(cfg.alpha), dropout=0 <= cfg.dropout < 1,
-                 block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, micro_batch=cfg.micro_batch >= 0,
-                 max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1, save_every=cfg.save_every > 0,
-                 dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
+                 block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, pass_tokens=cfg.pass_tokens >= 0,
+                 micro_batch=cfg.micro_batch >= 0, max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1,
+                 save_every=cfg.save_every > 0, dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
     for name in (name for name, ok in valid.items() if not ok):
         p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not valid: {TrainConfig.__dataclass_fields__[name].metadata['help']}")
     return cfg
@@ -138,7 +143,8 @@ def train_step(model: BoRA, opt: torch.optim.Optimizer, passes, steps_per_epoch:
     params = [p for p in model.parameters() if p.requires_grad]
     exact = torch.float32 if params[0].device.type == "mps" else torch.float64  # why: sum_over_ranks (MPS: none)
     grad_sum, nll_term = params[0].new_zeros(sum(p.numel() for p in params), dtype=exact), 0.0
-    fisher = {path: tuple(h.new_zeros(h.shape) for h in pair) for path, pair in curvature.items()} if curvature else None
+    fisher = {path: tuple(h.new_zeros(h.shape, dtype=exact) for h in pair)  # exact, as grad_sum: any order
+              for path, pair in curvature.items()} if curvature else None
     for x, y, t in passes:
         with autocast:
             nll = model(x, t, y).sum(1)  # (n,) each document's NLL, summed over its scored tokens
@@ -224,7 +230,7 @@ def add_fisher(model: BoRA, curvature: dict, row_scale: torch.Tensor) -> None:
     for path, m in model.adapted.items():
         ids, A_rows, B_rows = m.rows  # (n,), (n, r, in), (n, out, r)
         for h, rows in zip(curvature[path], (A_rows, B_rows)):
-            h.index_add_(0, ids, (rows.grad * row_scale.view(-1, 1, 1)).square())  # into each row's task
+            h.index_add_(0, ids, (rows.grad * row_scale.view(-1, 1, 1)).square().to(h.dtype))  # into each row's task
 
 
 @torch.no_grad()
@@ -298,9 +304,9 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
     """One run; `branch` (the τ path): go on from that last.pt's epoch, at this run's τ, with its own best."""
     # the device, the data, the model, the optimiser
     device, out = pick_device(cfg.device), Path(cfg.out)
-    # README: Memory; under torchrun at most batch / N, so that every rank has passes to make (data.rank_share)
-    default_micro_batch = min(32 if device.startswith("cuda") else 8, math.ceil(cfg.batch_size / WORLD_SIZE))
-    cfg.micro_batch = cfg.micro_batch or default_micro_batch
+    cfg.pass_tokens = cfg.pass_tokens or (8192 if device.startswith("cuda") else 512)  # README: Memory
+    # under torchrun at most batch / N documents a pass, so that every rank has passes to make (data.rank_share)
+    cfg.micro_batch = cfg.micro_batch or (math.ceil(cfg.batch_size / WORLD_SIZE) if WORLD_SIZE > 1 else 0)
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.dtype == "bfloat16" or (
         cfg.dtype == "auto" and device.startswith("cuda")) else nullcontext()
     meta, train_split, val_split = load_meta(cfg.data), load_split(cfg.data, "train"), load_split(cfg.data, "val")
@@ -357,8 +363,8 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
             order = torch.randperm(len(train_split), generator=shuffle).tolist() if epoch > 0 else []
             batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]  # S, tasks mixed
             for i in range(state["done_in_epoch"], len(batches)):
-                share = rank_share(batches[i], cfg.micro_batch, RANK, WORLD_SIZE)  # torchrun: this rank's documents
-                passes = forward_passes(train_split, share, cfg.block_size, cfg.micro_batch, device)
+                groups = pass_groups(train_split, batches[i], cfg.block_size, cfg.pass_tokens, cfg.micro_batch)
+                passes = forward_passes(train_split, rank_share(groups, RANK, WORLD_SIZE), cfg.block_size, device)
                 nll, prior_term = train_step(model, opt, passes, S, state["tau"], cfg.likelihood, autocast, curvature)
                 state.update(step=state["step"] + 1, done_in_epoch=i + 1)
                 rng = torch.get_rng_state()
@@ -379,7 +385,7 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
                     saved_at = time.time()
 
             # validation: every task's perplexity; ckpt.pt keeps the best epoch, patience counts the others
-            m = evaluate(model, val_split, cfg.block_size, cfg.micro_batch, device, autocast, f"epoch {epoch} val")
+            m = evaluate(model, val_split, cfg.block_size, cfg.pass_tokens, device, autocast, f"epoch {epoch} val")
             if improved := m["ll_task_avg"] > state["best_ll"]:
                 if RANK == 0:
                     checkpoint(cfg, model, meta, epoch, m, state["tau"]).save(out / "ckpt.pt")
@@ -533,6 +539,7 @@ def torchrun_ranks(cfg: TrainConfig) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    keep_freed_memory()
     with one_line_errors(f"interrupted before training began: nothing was saved in {cfg.out}"), run_folder(cfg), \
             torchrun_ranks(cfg):
         try:
@@ -541,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 train(cfg)
         except torch.cuda.OutOfMemoryError:
-            raise ValueError(f"out of GPU memory with --micro-batch {cfg.micro_batch}; a smaller one gives the same "
+            raise ValueError(f"out of GPU memory with --pass-tokens {cfg.pass_tokens}; a smaller one gives the same "
                              "result") from None
 
 

@@ -13,13 +13,14 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import prepare_data
 import train
-from data import load_meta
+from data import EOT, Split, load_meta
 
 # 2 layers, 2 heads, 32 dims, but GPT-2's real vocabulary so that tiktoken's ids fit.
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=50257)
@@ -137,6 +138,15 @@ def prepare(folder: Path, train_docs: dict[str, int], seed: int = 0) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
         prepare_data.main(["--csv", str(csv_path), "--out", str(folder / f"data{seed}")])
     return folder / f"data{seed}"
+
+
+def random_split(lengths: list[int], num_tasks: int = 3, prompt_len: int = 3, seed: int = 0) -> Split:
+    """A split held in memory: documents of the given lengths (prompt included), tasks in turn, of random
+    tokens other than <|endoftext|> (so that in a batch it marks padding)."""
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return Split(rng.integers(0, EOT, offsets[-1]).astype(np.uint16), offsets,
+                 np.arange(len(lengths)) % num_tasks, np.full(len(lengths), prompt_len))
 
 
 @pytest.fixture(scope="module")

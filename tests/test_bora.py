@@ -8,7 +8,7 @@ import torch
 from conftest import perturb, prior_by_hand
 
 from bora import BoRA, LoRAConfig
-from gpt2 import GPT, GPTConfig
+from gpt2 import GPT, GPTConfig, KVCache
 from lora import LoRALinear
 from train import prior
 
@@ -67,6 +67,16 @@ def test_mixed_rows_equal_merged_models_and_merge_leaves_bora_alone(gpt):
         assert (merged(idx[rows]) - logits[rows]).abs().max() <= 1e-5, f"task {task}"
     assert all(torch.equal(v, bora.adapter_state_dict()[k]) for k, v in saved.items())
     assert torch.equal(bora(idx, ids), logits)
+
+
+def test_a_kv_cache_passes_through_the_task_adapters(gpt):
+    """Generation's one-token-at-a-time forward, with mixed tasks: each row's adapter acts on every new
+    position, so the cached steps compute what one forward over the whole sequence computes."""
+    bora = perturb(BoRA(gpt, TASKS, LoRAConfig(rank=4, targets=("c_attn", "mlp.c_proj"))), std=0.1)
+    ids, idx, cache = torch.tensor([2, 0, -1, 1]), tokens(4), [KVCache() for _ in range(2)]
+    with torch.no_grad():
+        steps = [bora(idx[:, :4], ids, cache=cache)] + [bora(idx[:, j:j + 1], ids, cache=cache) for j in range(4, 10)]
+        assert torch.allclose(torch.cat(steps, dim=1), bora(idx, ids), atol=1e-5)
 
 
 def test_shared_mode_every_task_is_theta(gpt):

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb, prepare, write_checkpoint, write_hf_checkpoint
+from conftest import perturb, prepare, random_split, write_checkpoint, write_hf_checkpoint
 
 import eval as evaluate_cli
 import prepare_data
 from bora import BoRA, LoRAConfig, load_checkpoint
-from data import Split, load_split, require_scored
+from data import Split, load_split, make_batch, require_scored
 from gpt2 import GPT
 
 
@@ -102,6 +102,24 @@ def test_a_task_with_nothing_to_score_is_an_error_not_a_perplexity(setup):
     require_scored(test, model.task_names, 32, "test")  # the whole split has something of every task
 
 
+@pytest.mark.parametrize("pass_tokens", [1, 150, 10_000])  # a document a pass, a few, all in one
+def test_evaluate_gives_the_numbers_of_one_document_at_a_time(setup, pass_tokens):
+    """Sorted by length and trimmed, in passes of any size: each task's log-likelihood per token is the one
+    computed document by document over the whole softmax, in float64."""
+    model = perturbed_bora(setup["hf"]).eval()
+    split = random_split([2, 70, 5, 33, 12, 90, 8, 41, 3, 64, 17, 25, 4, 66, 9, 50, 21, 7])  # some cut at 64
+    m = evaluate_cli.evaluate(model, split, 64, pass_tokens, "cpu")
+    nll, tokens = [0.0] * 3, [0] * 3
+    with torch.no_grad():
+        for i in range(len(split)):
+            x, y, t = make_batch(split, [i], 64, "cpu")
+            log_p = torch.log_softmax(model(x, t).double(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+            nll[t.item()] -= log_p[y != -1].sum().item()
+            tokens[t.item()] += (y != -1).sum().item()
+    assert m["tokens"] == tokens
+    assert m["ll"] == pytest.approx([-n / k for n, k in zip(nll, tokens)], rel=1e-6)
+
+
 def test_single_report(setup):
     text = run_eval(setup["ckpts"][10.0], "--split", "val", "--device", "cpu")  # the report below runs on the CPU
     assert "tau=10" in text and "token-weighted" in text and "task-averaged" in text
@@ -136,6 +154,10 @@ def test_several_checkpoints_side_by_side(setup):
     assert header.split()[3:] == ["tau=10", "tau=0", "tau=inf", "vs", "tau=0", "vs", "tau=inf"]
     gain = report["relative_improvement_of_first"][0]["tasks"]["alpha"]
     assert f"{gain:+.1%}" in next(line for line in table.splitlines() if line.startswith("alpha"))
+
+
+def test_batch_size_below_one_is_a_one_line_error(setup):
+    assert "--batch-size" in eval_error(setup["ckpts"][10.0], "--batch-size", "0")
 
 
 def test_eval_refuses_another_dataset(setup, tmp_path):

@@ -114,25 +114,53 @@ def test_future_tokens_never_change_earlier_logits(tiny_hf_dir, idx):
     assert not torch.allclose(before[:, 15:], after[:, 15:])  # the change does reach its own position onwards
 
 
-def test_loss_ignores_targets_of_minus_one(tiny_hf_dir, idx):
-    """With targets, each target's NLL from the full logits, and exactly 0 where the target is -1."""
+def test_loss_ignores_targets_of_minus_one(tiny_hf_dir):
+    """With targets, each target's NLL from the full logits, and exactly 0 where the target is -1; 285
+    scored targets, so that the head runs in several chunks."""
     model = GPT.from_pretrained(str(tiny_hf_dir))
+    idx = torch.randint(0, TINY["vocab_size"], (3, 100), generator=torch.Generator().manual_seed(2))
     targets = idx.roll(-1, dims=1)
     targets[:, :5] = -1
     with torch.no_grad():
         logits, nll = model(idx), model(idx, targets)  # (N, T, V), (N, T)
     expected = torch.nn.functional.cross_entropy(logits[:, 5:].flatten(0, 1), targets[:, 5:].flatten(), reduction="none")
-    assert nll.shape == targets.shape and torch.equal(nll[:, :5], torch.zeros(2, 5))
+    assert nll.shape == targets.shape and torch.equal(nll[:, :5], torch.zeros(3, 5))
     assert torch.allclose(nll[:, 5:].flatten(), expected, atol=1e-5)
 
 
-def test_generate_with_top_k_1_is_greedy(tiny_hf_dir, idx):
-    model = GPT.from_pretrained(str(tiny_hf_dir))
-    out = model.generate(idx[:1, :4], max_new_tokens=3, top_k=1)
-    greedy = idx[:1, :4]
-    for _ in range(3):
-        greedy = torch.cat([greedy, model(greedy)[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(out, greedy)
+def uncached_generate(model: GPT, idx: torch.Tensor, steps: int, top_k: int | None = None) -> torch.Tensor:
+    """Generation without a cache: every step runs the whole sequence (its last block_size tokens) again;
+    greedy by argmax, else sampled at temperature 1 as GPT.generate samples."""
+    for _ in range(steps):
+        logits = model(idx[:, -model.config.block_size:])[:, -1]  # (N, vocab)
+        if top_k == 1:
+            token = logits.argmax(-1, keepdim=True)
+        else:
+            token = torch.multinomial(torch.softmax(logits, -1), num_samples=1)
+        idx = torch.cat([idx, token], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("top_k", [1, None], ids=["greedy", "sampled"])
+def test_cached_generation_gives_the_tokens_of_the_uncached_loop(tmp_path, idx, top_k):
+    """20 new tokens after 6 with block_size 16: the cache serves the first 10, then the window moves on."""
+    model = GPT.from_pretrained(str(write_hf_checkpoint(tmp_path, n_positions=16)))
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = uncached_generate(model, idx[:, :6], 20, top_k)
+        torch.manual_seed(3)
+        assert torch.equal(model.generate(idx[:, :6], 20, top_k=top_k), expected)
+
+
+def test_a_cached_step_computes_what_the_whole_sequence_computes(tiny_hf_dir, idx):
+    model, cache = GPT.from_pretrained(str(tiny_hf_dir)), [gpt2.KVCache() for _ in range(TINY["n_layer"])]
+    with torch.no_grad():
+        full = model(idx)  # (N, T, vocab)
+        steps = [model(idx[:, :5], cache=cache)] + [model(idx[:, j:j + 1], cache=cache) for j in range(5, idx.shape[1])]
+        assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+        assert len(cache[0]) == idx.shape[1]
+        with pytest.raises(ValueError, match="one token at a time"):  # the causal mask would be misaligned
+            model(idx[:, :2], cache=cache)
 
 
 # ---- loading errors: one line, naming the key and the shapes ----

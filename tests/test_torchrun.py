@@ -73,12 +73,11 @@ def our_lines(output: str) -> list[str]:
 
 
 def test_rank_share_deals_out_the_passes_one_process_would_make():
-    docs = list(range(100, 118))  # 18 documents, passes of 4: [4, 4, 4, 4, 2]
-    shares = [rank_share(docs, 4, r, 2) for r in range(2)]
-    assert shares == [docs[:12], docs[12:]]  # 3 passes, then 2: each exactly one of the one-process passes
-    assert sum((rank_share(docs, 4, r, 3) for r in range(3)), []) == docs  # every document once, in order
-    assert [len(rank_share(docs[:5], 4, r, 3)) for r in range(3)] == [4, 1, 0]  # fewer passes than ranks
-    assert rank_share(docs, 4, 0, 1) == docs
+    passes = [[100 + 4 * p + j for j in range(4)] for p in range(4)] + [[116, 117]]  # 18 documents, 5 passes
+    assert [rank_share(passes, r, 2) for r in range(2)] == [passes[:3], passes[3:]]  # 3 passes, then 2
+    assert sum((rank_share(passes, r, 3) for r in range(3)), []) == passes  # every pass once, in order
+    assert [len(rank_share(passes[:2], r, 3)) for r in range(3)] == [1, 1, 0]  # fewer passes than ranks
+    assert rank_share(passes, 0, 1) == passes
 
 
 @pytest.mark.parametrize("tau", ["100", "auto"])  # auto: the curvature is summed over the ranks with the gradient

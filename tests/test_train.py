@@ -18,13 +18,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import adapters, perturb, prepare, prior_by_hand, read_log, train_run, write_hf_checkpoint
+from conftest import adapters, perturb, prepare, prior_by_hand, random_split, read_log, train_run, write_hf_checkpoint
 
 import bora
 import files
 import train
 from bora import CKPT_FORMAT, BoRA, LoRAConfig
-from data import forward_passes, load_meta, load_split, make_batch
+from data import EOT, forward_passes, load_meta, load_split, make_batch, pass_groups
 from gpt2 import GPT
 
 def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
@@ -34,8 +34,10 @@ def perturbed_bora(hf: Path, shared: bool = False, seed: int = 0) -> BoRA:
     return perturb(model, seed=seed).train()
 
 
-def passes(split, doc_ids: list[int], docs_per_pass: int = 8):
-    return list(forward_passes(split, doc_ids, 32, docs_per_pass, "cpu"))
+def passes(split, doc_ids: list[int], micro_batch: int = 8, block_size: int = 32, pass_tokens: int = 512):
+    """The forward passes train.py makes of a batch: at most pass_tokens positions, micro_batch documents each."""
+    groups = pass_groups(split, doc_ids, block_size, pass_tokens, micro_batch)
+    return list(forward_passes(split, groups, block_size, "cpu"))
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -150,6 +152,51 @@ def test_micro_batches_give_the_same_step(small):
             assert torch.allclose(a, b, atol=1e-6), name
 
 
+VARIED = [2, 70, 5, 33, 12, 90, 8, 41, 3, 64, 17, 25, 4, 66]  # tokens per document; block size 64 cuts three
+
+
+def test_forward_passes_hold_every_document_once_trimmed_under_the_budget():
+    split, doc_ids = random_split(VARIED), [11, 3, 0, 7, 13, 5, 9, 1, 4, 12, 10, 2, 8, 6]
+    grouped = passes(split, doc_ids, 0, 64, 100)
+    alone = [make_batch(split, [i], 64, "cpu") for i in doc_ids]  # each document in a pass of its own
+    assert sorted(r for p in grouped for r in unpadded_rows(p)) == sorted(r for b in alone for r in unpadded_rows(b))
+    for x, y, _ in grouped:
+        assert x.numel() <= 100 or len(x) == 1  # the budget: rows × the pass's longest row
+        assert (x[:, -1] != EOT).any()  # trimmed: the longest row fills the width
+    assert max(len(x) for x, _, _ in grouped) > 3  # short documents share a pass ...
+    assert max(len(x) for x, _, _ in passes(split, doc_ids, 3, 64, 100)) == 3  # ... or 3 at most
+    padded = len(doc_ids) * max(x.shape[1] for x, _, _ in alone)  # one pass, every row as wide as the longest
+    assert sum(x.numel() for x, _, _ in grouped) < padded / 2
+
+
+def unpadded_rows(batch) -> list[tuple]:
+    """Each row as (inputs, targets, task) without its padding, which is never scored (random_split's tokens
+    are never EOT, so EOT in the inputs is padding)."""
+    x, y, t = batch
+    n = (x != EOT).sum(1).tolist()
+    assert all((y[j, n[j]:] == -1).all() for j in range(len(x)))
+    return [(x[j, :n[j]].tolist(), y[j, :n[j]].tolist(), t[j].item()) for j in range(len(x))]
+
+
+@pytest.mark.parametrize("likelihood", ["doc-mean", "token-sum"])
+def test_sorted_trimmed_passes_give_the_step_of_one_forward_over_the_whole_batch(small, likelihood):
+    """The same 14 documents of varied length as one padded forward, or sorted into passes of <= 100 positions:
+    the same gradients and the same AdamW step, to float rounding."""
+    split, doc_ids = random_split(VARIED), list(range(len(VARIED)))
+    whole = perturbed_bora(small[1])
+    grouped = copy.deepcopy(whole)
+    results = []
+    for model, batch in ((whole, [make_batch(split, doc_ids, 64, "cpu")]),
+                         (grouped, passes(split, doc_ids, 0, 64, 100))):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        results.append(train.train_step(model, opt, batch, 3, 10.0, likelihood))
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+    for (name, a), b in zip(whole.named_parameters(), grouped.parameters()):
+        if a.requires_grad:  # float32 sums in another order: equal to 1e-5 of the gradient's scale
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5 * a.grad.abs().max().item()), name
+            assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_tau_zero_one_task_leaves_the_others_untouched(small):
     data, hf = small
     split = load_split(data, "train")
@@ -177,11 +224,11 @@ def test_tau_zero_stores_theta_as_the_mean_of_the_task_adapters(small, tmp_path)
             assert torch.allclose(a[key], a[key[:-len("_mean")]].mean(0), atol=1e-7), (name, key)
 
 
-def test_default_micro_batch_is_sized_for_the_device(small, tmp_path):
-    """--micro-batch 0 (the default) becomes 8 on a CPU, which a laptop holds; args.json records what ran."""
+def test_default_pass_size_is_sized_for_the_device(small, tmp_path):
+    """--pass-tokens 0 (the default) becomes 512 on a CPU, which a laptop holds; args.json records what ran."""
     data, hf = small
     run = train_run(data, hf, tmp_path / "run", "--tau", "10", "--max-epochs", "1")
-    assert json.loads((run / "args.json").read_text())["micro_batch"] == 8
+    assert json.loads((run / "args.json").read_text())["pass_tokens"] == 512
 
 
 def test_flags_come_from_the_config_dataclass():
@@ -190,7 +237,7 @@ def test_flags_come_from_the_config_dataclass():
     assert c.targets == "c_attn,mlp.c_proj" and LoRAConfig(targets=c.targets).targets == ("c_attn", "mlp.c_proj")
     d = train.parse_args([])
     assert (d.rank, d.alpha, d.block_size, d.batch_size, d.max_epochs, d.patience) == (16, 16.0, 256, 64, 20, 5)
-    assert d.data == "data/emotion" and d.micro_batch == 0  # sized for the device when the run starts
+    assert d.data == "data/emotion" and d.pass_tokens == d.micro_batch == 0  # sized when the run starts
 
 
 # ---- checkpoints, resume, divergence ------------------------------------------------------------
