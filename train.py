@@ -64,9 +64,9 @@ class TrainConfig:  # every field is a flag: --block-size for block_size
     data: str = arg("data/emotion", "dataset folder written by prepare_data.py")
     out: str = arg("out/emotion", "run folder for ckpt.pt, last.pt, log.jsonl, args.json")
     init: str = arg("gpt2", "base model: gpt2 … gpt2-xl, or a Hugging Face folder / .safetensors file")
-    tau: str = arg("100", "prior precision τ >= 0 (0 = independent adapters, inf = one shared adapter); auto: "
-                   "estimated from the training data during the run; a list like 0,1,10,100,1000,inf: the τ path, "
-                   "every τ trained, the best on validation kept (README: 'Choosing τ')")
+    tau: str = arg("auto", "prior precision τ: auto (the default) estimates it from the training data during the "
+                   "run; a number >= 0 fixes it (0 = independent adapters, inf = one shared adapter); a list like "
+                   "0,1,10,100,1000,inf trains the τ path and keeps the best on validation (README: 'Choosing τ')")
     lr: float = arg(3e-3, "AdamW learning rate > 0, the same for every τ (README: 'The learning rate')")
     likelihood: str = arg("doc-mean", "doc-mean (each document's mean token NLL, the papers' scale) or token-sum")
     rank: int = arg(16, "LoRA rank r >= 1")

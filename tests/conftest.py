@@ -159,9 +159,10 @@ def small(tmp_path_factory) -> tuple[Path, Path]:
 # ---- runs and checkpoints ----
 
 def train_run(data: Path, hf: Path, out: Path, *extra: str) -> Path:
-    """train.main in-process with small settings; extra arguments win. Return the run folder."""
-    args = ["--data", str(data), "--init", str(hf), "--out", str(out), "--rank", "4", "--block-size", "32",
-            "--batch-size", "16", "--max-epochs", "2", *extra]
+    """train.main in-process with small settings, τ = 100 unless extra says otherwise (extra arguments win).
+    Return the run folder."""
+    args = ["--data", str(data), "--init", str(hf), "--out", str(out), "--tau", "100", "--rank", "4",
+            "--block-size", "32", "--batch-size", "16", "--max-epochs", "2", *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(args)
     return out

@@ -238,6 +238,7 @@ def test_flags_come_from_the_config_dataclass():
     d = train.parse_args([])
     assert (d.rank, d.alpha, d.block_size, d.batch_size, d.max_epochs, d.patience) == (16, 16.0, 256, 64, 20, 5)
     assert d.data == "data/emotion" and d.pass_tokens == d.micro_batch == 0  # sized when the run starts
+    assert d.tau == "auto"  # τ from the data unless the user fixes it
 
 
 # ---- checkpoints, resume, divergence ------------------------------------------------------------
