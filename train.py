@@ -22,6 +22,7 @@ cli.exit_on_interrupt(__name__)
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
@@ -52,7 +53,6 @@ RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZ
 # --tau auto: τ starts weak (1 on the doc-mean scale), then after every epoch moves halfway (in log τ) towards
 # the evidence's estimate, by at most a factor √10 an epoch, within [1e-3, 1e5]
 TAU_START, TAU_DAMP, TAU_CLIP, TAU_MIN, TAU_MAX = 1.0, 0.5, math.log(10), 1e-3, 1e5
-PATH_PATIENCE = 1  # the τ path: each τ stops after its first epoch without a better validation
 
 
 def arg(default, help: str):
@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                  block_size=cfg.block_size >= 1, batch_size=cfg.batch_size >= 1, pass_tokens=cfg.pass_tokens >= 0,
                  micro_batch=cfg.micro_batch >= 0, max_epochs=cfg.max_epochs >= 1, patience=cfg.patience >= 1,
                  save_every=cfg.save_every > 0, dtype=cfg.dtype in ("auto", "float32", "bfloat16"))
+    if "," in cfg.tau and cfg.max_epochs < 2:
+        p.error(f"--max-epochs {cfg.max_epochs}: the τ path trains a first epoch shared by every τ, then each τ; "
+                "give at least 2")
     for name in (name for name, ok in valid.items() if not ok):
         p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not valid: {TrainConfig.__dataclass_fields__[name].metadata['help']}")
     return cfg
@@ -422,42 +425,60 @@ def train(cfg: TrainConfig, branch: Checkpoint | None = None) -> None:
                  f"{out / 'last.pt'}; continue with the same command and --resume")
 
 
-# ---- The τ path: every τ of a list, each starting where the one before ended ----
+# ---- The τ path: every τ of a list, raced from one shared first epoch ----
 
 def train_path(cfg: TrainConfig, taus: list[float]) -> None:
     """The τ path in one command. Every τ shares one first epoch, trained at the smallest τ > 0 of the list
     (where the tasks move most freely); then each τ goes on from it, adapters, optimiser and all, at its own
-    τ, until its validation stops improving (patience 1). So a τ costs an epoch or a few, not a whole run,
-    and every τ's model is trained at that τ. OUT/first/ and OUT/tau_<τ>/ hold the runs; OUT/ckpt.pt is the
-    τ with the best task-averaged validation log-likelihood (the papers' choice)."""
+    τ, one epoch at a time, in rounds: after each round the better half of the τ values (by their best
+    validation so far) goes on, until one is left, which trains to the end as a single run would (--patience,
+    --max-epochs). So the path costs a run plus about 2 × (number of τ) epochs, not a run per τ, and every
+    τ's model is trained at that τ. Racing rather than stopping each τ at its first epoch without progress:
+    validation jitters from epoch to epoch, and a τ must not lose for one bad epoch. OUT/first/ and
+    OUT/tau_<τ>/ hold the runs; OUT/ckpt.pt is the τ with the best task-averaged validation log-likelihood."""
     out = Path(cfg.out)
-    for old in ("ckpt.pt", "log.jsonl") if not cfg.resume and RANK == 0 else ():
-        (out / old).unlink(missing_ok=True)
+    for old in [out / "ckpt.pt", out / "log.jsonl", out / "first", *out.glob("tau_*")] if not cfg.resume and RANK == 0 else ():
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)  # --overwrite: an old path's runs too
+    if dist.is_initialized():
+        dist.barrier()  # no rank looks for a run to continue before rank 0 has removed the old ones
     first_tau = min([t for t in taus if 0 < t < math.inf] or [1.0])
-    log(out, f"tau path {', '.join(f'{t:g}' for t in taus)}: a first epoch at tau={first_tau:g}, then each tau from it",
-        kind="path", taus=taus)
+    log(out, f"tau path {', '.join(f'{t:g}' for t in taus)}: a first epoch at tau={first_tau:g}, then every tau "
+        "from it, the better half going on after each epoch", kind="path", taus=taus)
 
-    def run(folder: str, branch: Checkpoint | None, **changes) -> None:
-        one = replace(cfg, out=str(out / folder), overwrite=True, **changes)
-        if not finished(Path(one.out)):
-            Path(one.out).mkdir(exist_ok=True)
-            train(replace(one, resume=cfg.resume and (Path(one.out) / "last.pt").exists()), branch)
+    def run(folder: str, branch: Checkpoint | None, epochs: int, patience: int, **changes) -> None:
+        """The run in OUT/folder, trained up to `epochs` (resumed if it has begun), unless it is there or has stopped."""
+        last = out / folder / "last.pt"
+        state = Checkpoint.load(last).resume["state"] if last.exists() else None
+        if state is None or (state["epoch"] <= epochs and state["bad_epochs"] < patience):
+            (out / folder).mkdir(exist_ok=True)
+            train(replace(cfg, out=str(out / folder), overwrite=True, max_epochs=epochs, patience=patience,
+                          resume=state is not None, **changes), branch)
         if dist.is_initialized():
             dist.barrier()  # rank 0's files are on disk before any rank reads them
 
-    run("first", None, tau=f"{first_tau:g}", max_epochs=1)
-    first, rows = Checkpoint.load(out / "first" / "last.pt"), []
-    for tau in taus:
-        run(f"tau_{tau:g}", first, tau=f"{tau:g}", patience=PATH_PATIENCE)
-        rows.append((tau, Checkpoint.load(out / f"tau_{tau:g}" / "ckpt.pt")))
-    best_tau, best = max(rows, key=lambda row: row[1].val["ll_task_avg"])
+    def best_ll(tau: float) -> float:
+        return Checkpoint.load(out / f"tau_{tau:g}" / "ckpt.pt").val["ll_task_avg"]
+
+    run("first", None, 1, cfg.patience, tau=f"{first_tau:g}")
+    first, alive, epoch = Checkpoint.load(out / "first" / "last.pt"), list(taus), 1
+    while len(alive) > 1 and epoch < cfg.max_epochs:  # a round: one more epoch for every τ still racing
+        epoch += 1
+        for tau in alive:
+            run(f"tau_{tau:g}", first, epoch, cfg.patience, tau=f"{tau:g}")
+        alive = sorted(alive, key=best_ll, reverse=True)[:math.ceil(len(alive) / 2)]  # stable: ties keep list order
+    run(f"tau_{alive[0]:g}", first, cfg.max_epochs, cfg.patience, tau=f"{alive[0]:g}")  # the winner, to its end
+    rows = [(tau, Checkpoint.load(out / f"tau_{tau:g}" / "ckpt.pt"),
+             Checkpoint.load(out / f"tau_{tau:g}" / "last.pt").resume["state"]["epoch"] - 1) for tau in taus]
+    best_tau, best, _ = max(rows, key=lambda row: row[1].val["ll_task_avg"])
     if RANK == 0:
         best.save(out / "ckpt.pt")
-    table = "\n".join(f"  tau={tau:<8g} best epoch {c.epoch:<3} validation ppl {c.val['ppl_task_avg']:.3f}"
-                      + ("  <- selected" if tau == best_tau else "") for tau, c in sorted(rows))
+    table = "\n".join(f"  tau={tau:<8g} trained to epoch {trained:<3} best epoch {c.epoch:<3} validation ppl "
+                      f"{c.val['ppl_task_avg']:.3f}" + ("  <- selected" if tau == best_tau else "")
+                      for tau, c, trained in sorted(rows, key=lambda row: row[0]))
     log(out, f"tau path, task-averaged validation perplexity:\n{table}\nselected tau={best_tau:g}: {out / 'ckpt.pt'}; "
         f"evaluate with: python eval.py {out / 'ckpt.pt'}", kind="path done", tau=best_tau,
-        val={f"{tau:g}": c.val["ppl_task_avg"] for tau, c in rows})
+        val={f"{tau:g}": c.val["ppl_task_avg"] for tau, c, _ in rows},
+        epochs={f"{tau:g}": trained for tau, _, trained in rows})
 
 
 def start_from(model: BoRA, ckpt: Checkpoint) -> None:

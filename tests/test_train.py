@@ -603,3 +603,88 @@ def test_evidence_finds_the_prior_precision_of_a_known_world(small):
     assert 0.3 < estimate(3.0, 0.3) <= 3.3 and 2.7 <= estimate(3.0, 30.0) < 30.0
     for trained in (0.3, 3.0, 30.0):
         assert estimate(math.inf, trained) > trained and estimate(1e-3, trained) < min(trained, 0.01)
+
+
+# ---- the τ path -----------------------------------------------------------------------------------
+
+def test_a_task_model_started_from_the_shared_one_computes_the_shared_model(small):
+    data, hf = small
+    shared = perturbed_bora(hf, shared=True)
+    ckpt = train.checkpoint(train.TrainConfig(data=str(data), init=str(hf), tau="inf"), shared, load_meta(data), 1, {},
+                            math.inf)
+    tasks = BoRA(GPT.from_pretrained(str(hf)), ["alpha", "beta", "gamma"], LoRAConfig(rank=4))
+    train.start_from(tasks, ckpt)
+    x, y, t = make_batch(load_split(data, "val"), list(range(6)), 32, "cpu")
+    with torch.no_grad():
+        assert torch.equal(tasks(x, t), shared(x, t)) and train.prior(tasks, 10.0).item() == 0.0
+
+
+def val_rows(run: Path) -> list[dict]:
+    return [r for r in read_log(run) if r["kind"] == "val"]
+
+
+def test_the_tau_path_races_every_tau_from_one_first_epoch_and_keeps_the_best(small, tmp_path):
+    data, hf = small
+    taus = ("0", "10", "100", "inf")
+    out = train_run(data, hf, tmp_path / "path", "--tau", ",".join(taus), "--max-epochs", "4", "--batch-size", "8")
+    # one first epoch, from the base model, at the smallest τ > 0
+    assert [(r["epoch"], float(r["tau"])) for r in val_rows(out / "first")] == [(0, 10.0), (1, 10.0)]
+    runs = {tau: val_rows(out / f"tau_{tau}") for tau in taus}
+    for tau, rows in runs.items():  # every τ went on from it (epoch 2 on), trained at its own τ
+        assert rows[0]["epoch"] == 2 and all(float(r["tau"]) == float(tau) for r in rows), tau
+    # the race: after epoch 2 the better half goes on, after epoch 3 the better of those, to the end
+    best_at = lambda tau, epoch: max(r["ll_task_avg"] for r in runs[tau] if r["epoch"] <= epoch)  # noqa: E731
+    on = sorted(taus, key=lambda tau: best_at(tau, 2), reverse=True)[:2]
+    assert {tau for tau in taus if runs[tau][-1]["epoch"] >= 3} == set(on)
+    winner = max(on, key=lambda tau: best_at(tau, 3))
+    assert [tau for tau in taus if runs[tau][-1]["epoch"] == 4] == [winner]
+    # OUT/ckpt.pt is the τ with the best validation, as the papers choose
+    best = max(taus, key=lambda tau: best_at(tau, 4))
+    chosen = torch.load(out / "ckpt.pt", weights_only=True)
+    assert chosen["tau"] == float(best) and all(torch.equal(v, adapters(out / f"tau_{best}" / "ckpt.pt")[k])
+                                                for k, v in chosen["adapters"].items())
+    done = read_log(out)[-1]
+    assert done["kind"] == "path done" and float(done["tau"]) == float(best) and done["epochs"][winner] == 4
+    assert "at least 2" in refusal("--data", str(data), "--init", str(hf), "--out", str(tmp_path / "one"),
+                                   "--tau", "0,inf", "--max-epochs", "1")
+
+
+def test_a_tau_of_the_path_at_the_first_tau_is_the_plain_run_to_the_bit(small, tmp_path):
+    """The first epoch, then epoch 2 on from its last.pt: exactly what one run at that τ does."""
+    data, hf = small
+    common = ("--max-epochs", "2", "--batch-size", "8", "--dropout", "0.1")  # dropout: the RNG travels too
+    path = train_run(data, hf, tmp_path / "path", "--tau", "10,inf", *common)
+    plain = train_run(data, hf, tmp_path / "plain", "--tau", "10", *common)
+    for name in ("last.pt", "ckpt.pt"):
+        a, b = adapters(path / "tau_10" / name), adapters(plain / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_tau_path_resumes_where_it_was_interrupted(small, tmp_path, monkeypatch):
+    data, hf = small
+    common = ("--tau", "0,10,inf", "--max-epochs", "3", "--batch-size", "8")
+    straight = train_run(data, hf, tmp_path / "straight", *common)
+    real_step, steps = train.train_step, []
+
+    def ctrl_c_at_step_8(*args):  # 3 steps an epoch: the first epoch, then in the second τ's epoch 2
+        steps.append(1)
+        if len(steps) == 8:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_at_step_8)
+    with pytest.raises(SystemExit) as e:
+        train_run(data, hf, tmp_path / "resumed", *common)
+    assert "/tau_10" in str(e.value.code) and "--resume" in str(e.value.code)
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert "already holds a run" in refusal("--data", str(data), "--init", str(hf), "--out", str(tmp_path / "resumed"),
+                                            "--tau", "0,10,inf")
+    resumed = train_run(data, hf, tmp_path / "resumed", *common, "--resume")
+    for name in ("ckpt.pt", "first/last.pt", "tau_0/ckpt.pt", "tau_10/ckpt.pt", "tau_inf/ckpt.pt"):
+        a, b = adapters(straight / name), adapters(resumed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert read_log(resumed)[-1]["tau"] == read_log(straight)[-1]["tau"]
+    # --overwrite starts the whole path afresh, old τ runs included
+    again = train_run(data, hf, tmp_path / "resumed", *common, "--overwrite")
+    assert [r["epoch"] for r in val_rows(again / "tau_0")][0] == 2 and len(read_log(again / "first")) == len(
+        read_log(straight / "first"))
