@@ -5,12 +5,12 @@ GPT-2 124M shapes with random weights (nothing is downloaded), a batch whose row
     the same code with a single task (D = 1, every id 0), and a textbook LoRA layer (x Aᵀ Bᵀ, one
     adapter, no gather) — the baseline, plain LoRA's cost;
   - a whole training step (forward + backward of the mean CE + the prior penalty): BoRA over the
-    mixed batch, the same with the whole batch's logits at once (as before issue 18: on a CPU every
+    mixed batch, the same with the whole batch's logits at once (as GPT.forward once did: on a CPU every
     step then gets hundreds of MB of fresh pages from the OS), textbook LoRA, and the reference code's
     way, a loop over the tasks in the batch with one forward/backward per task's sub-batch;
   - a corpus of varied length (the issue's: median 31, mean ~50, 95th percentile ~160 tokens, or
     --lengths-from a prepared dataset): train.py's step of 64 documents, grouped into forward passes
-    as before issue 18 (padded to the batch's longest) and now (sorted, each pass trimmed): positions
+    as train.py once did (padded to the batch's longest) and now (sorted, each pass trimmed): positions
     computed per scored token over an epoch, seconds per step and per epoch;
   - inference: mixed-task logits vs one task merged into a plain GPT; adapter memory per task;
   - generation, tokens/s: the KV cache vs the loop that reruns the whole sequence, and vs Hugging
@@ -152,7 +152,7 @@ def print_table(title: str, results: dict[str, Measured], baseline: str, loss: b
 
 def corpus(lengths_from: str | None, tasks: int) -> Split:
     """A prepared dataset's training split, or one like 14,372 fortunes as "[task] " + text + <|endoftext|>
-    (issue 18): 7,186 training documents of lognormal length, median 31, mean ~50, 95th percentile ~160
+    (fortunes-like): 7,186 training documents of lognormal length, median 31, mean ~50, 95th percentile ~160
     tokens, of random tokens after a 3-token task prompt."""
     if lengths_from:
         split = load_split(lengths_from, "train")
@@ -165,7 +165,7 @@ def corpus(lengths_from: str | None, tasks: int) -> Split:
 
 
 def padded_passes(split: Split, doc_ids: list[int], block_size: int, rows: int, device: str) -> list:
-    """How train.py grouped a batch before issue 18: all its documents padded to the longest of them, then
+    """How train.py once grouped a batch: all its documents padded to the longest of them, then
     cut into micro-batches of `rows` documents, each as wide as that longest one."""
     x, y, t = make_batch(split, doc_ids, block_size, device)
     return [(x[i:i + rows], y[i:i + rows], t[i:i + rows]) for i in range(0, len(x), rows)]
@@ -173,7 +173,7 @@ def padded_passes(split: Split, doc_ids: list[int], block_size: int, rows: int, 
 
 def grouping_table(bora: BoRA, args: argparse.Namespace, device: str) -> None:
     split, docs_per_step = corpus(args.lengths_from, args.tasks), TrainConfig.batch_size
-    old_rows = 32 if device == "cuda" else 8  # --micro-batch's default before issue 18
+    old_rows = 32 if device == "cuda" else 8  # --micro-batch's default when passes were cut by documents
     pass_tokens = args.pass_tokens or (8192 if device == "cuda" else 512)  # train.py's default now
     groupings = {
         "padded to the batch's longest (before)": lambda ids, dev: padded_passes(split, ids, args.block_size, old_rows, dev),
@@ -205,7 +205,7 @@ def grouping_table(bora: BoRA, args: argparse.Namespace, device: str) -> None:
 # ---- Generation ----
 
 def uncached_generate(gpt: GPT, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding as GPT.generate did before issue 18: every step runs the whole sequence again."""
+    """Greedy decoding as GPT.generate once did: every step runs the whole sequence again."""
     for _ in range(new_tokens):
         idx = torch.cat([idx, gpt(idx[:, -gpt.config.block_size:])[:, -1:].argmax(-1)], dim=1)
     return idx
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     whole_logits = lambda: F.cross_entropy(bora(idx, ids).flatten(0, 1), targets.flatten())  # noqa: E731
     train_times = median_times({
         "BoRA, mixed tasks": training_step(bora, lambda: bora(idx, ids, targets).mean() + prior_sum(bora)),
-        "BoRA, the batch's logits at once (before #18)": training_step(bora, lambda: whole_logits() + prior_sum(bora)),
+        "BoRA, the batch's logits at once (as before)": training_step(bora, lambda: whole_logits() + prior_sum(bora)),
         "textbook LoRA": training_step(textbook, lambda: textbook(idx, targets).mean()),
         "loop over tasks, one pass per task": lambda: per_task_loop_step(bora, idx, ids, targets),
     }, args.warmup, args.steps, device)

@@ -144,8 +144,8 @@ def all_sum(x):
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for the next allocation instead of returning it to the OS. Every
     training step frees and allocates again the same GB of activations; memory given back returns as
-    fresh pages, which the kernel zero-fills one page fault at a time (a quarter of a CPU run's time,
-    issue 18). With blocks up to 32 MB taken from the heap (all of a step's, since GPT.forward computes
+    fresh pages, which the kernel zero-fills one page fault at a time (measured: a third of a CPU
+    step). With blocks up to 32 MB taken from the heap (all of a step's, since GPT.forward computes
     the head in chunks) and the heap never trimmed, a step reuses the pages of the last one, at the
     same peak memory. A no-op where the C library is not glibc (macOS, Windows, musl)."""
     try:

@@ -295,7 +295,8 @@ def run_tau(data: Path, base: Path, out: Path, tau: str, a: argparse.Namespace, 
                             threads))
     done = json.loads((out / "log.jsonl").read_text().splitlines()[-1])  # "done", or the τ path's "path done"
     return {**result["checkpoints"][0], "name": "path" if "," in tau else "auto" if tau == "auto" else None,
-            "epochs_run": done.get("epoch", 1) - 1, "wall": wall}  # the epoch it would have run next
+            "epochs_run": 1 + sum(e - 1 for e in done["epochs"].values()) if "epochs" in done  # the path: all its τ
+            else done.get("epoch", 1) - 1, "wall": wall}  # the epoch it would have run next
 
 
 def sweep(data: Path, base: Path, out: Path, a: argparse.Namespace, t0: float) -> list[dict]:
@@ -332,7 +333,8 @@ def print_table(rows: list[dict], refs: dict[str, list[float]], bayes: list[floa
               f"{task_avg_ppl(ll):>13.3f}{best:>10.3f}" + excess(ll))
     for name, ll in refs.items():
         print(f"{name:<48}{task_avg_ppl(ll):>13.3f}{best:>10.3f}" + excess(ll))
-    print(f"wall: relative to the median fixed-tau run ({one_run:.0f} s); the path's best epoch counts its shared first")
+    print(f"wall: relative to the median fixed-tau run ({one_run:.0f} s); the path's best epoch counts its shared first, "
+          "and its epochs are every τ's together")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
