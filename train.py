@@ -555,6 +555,7 @@ def torchrun_ranks(cfg: TrainConfig) -> Iterator[None]:
         yield
     except KeyboardInterrupt:  # before the training loop, which saves last.pt itself: another rank ended the run
         sys.exit(1)
+    dist.barrier()  # every rank at the end before any tears the group down (one that went first aborted another)
     dist.destroy_process_group()
 
 
