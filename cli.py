@@ -26,7 +26,7 @@ class ArgumentParser(argparse.ArgumentParser):
         args, glued = list(sys.argv[1:] if args is None else args), []
         for arg in args:
             action = self._option_string_actions.get(glued[-1]) if glued else None
-            if action is not None and action.nargs is None and arg.startswith("-") and _is_number(arg):
+            if action is not None and action.nargs is None and arg.startswith("-") and is_number(arg):
                 glued[-1] += "=" + arg
             else:
                 glued.append(arg)
@@ -36,7 +36,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f"error: {message}")
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:

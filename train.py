@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from bora import BoRA, Checkpoint, LoRAConfig
-from cli import (ArgumentParser, all_sum, interrupts, jsonable, keep_freed_memory, one_line_errors, pick_device,
-                 uninterrupted)
+from cli import (ArgumentParser, all_sum, interrupts, is_number, jsonable, keep_freed_memory, one_line_errors,
+                 pick_device, uninterrupted)
 from data import forward_passes, load_meta, load_split, pass_groups, rank_share, require_scored, scored_tokens
 from eval import evaluate
 from files import append_line, atomic_write
@@ -113,13 +113,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for name in (name for name, ok in valid.items() if not ok):
         p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not valid: {TrainConfig.__dataclass_fields__[name].metadata['help']}")
     return cfg
-
-
-def is_number(text: str) -> bool:
-    try:
-        return not math.isnan(float(text))
-    except ValueError:
-        return False
 
 
 # ---- The objective ----
@@ -492,12 +485,6 @@ def start_from(model: BoRA, ckpt: Checkpoint) -> None:
         return saved[key]
 
     model.load_adapter_state_dict({key: value(key, now) for key, now in model.adapter_state_dict().items()})
-
-
-def finished(folder: Path) -> bool:
-    """Did the run in folder end (its log's last record is "done")?"""
-    lines = (folder / "log.jsonl").read_text().splitlines() if (folder / "log.jsonl").exists() else []
-    return bool(lines) and json.loads(lines[-1])["kind"] == "done"
 
 
 @contextmanager

@@ -106,18 +106,26 @@ def test_two_ranks_train_what_one_process_trains(small, tmp_path, tau):
     assert [t["ll"] for t in measured["tasks"]] == pytest.approx(b["val"]["ll"], rel=1e-6)
 
 
-def test_sigterm_ends_every_rank_with_one_line_and_resume_continues_exactly(small, tmp_path):
-    data, hf = small
-    out = tmp_path / "ddp"
+def stopped_after_epoch_1(data: Path, hf: Path, out: Path, stop) -> tuple[int, str, str]:
+    """A long torchrun run, stopped by stop(the torchrun process) once epoch 1 is validated: its exit status
+    and output. No rank may hang: every process must be gone within two minutes."""
     run = subprocess.Popen(torchrun_argv(data, hf, out, "--max-epochs", "1000", "--patience", "1000"),
                            env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_epoch(run, out, 1)
-        run.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler's stop or `kill` sends it
-        stdout, stderr = run.communicate(timeout=120)  # no rank may hang
+        stop(run)
+        stdout, stderr = run.communicate(timeout=120)
     finally:
         run.kill()
-    assert run.returncode != 0
+    return run.returncode, stdout, stderr
+
+
+def test_sigterm_ends_every_rank_with_one_line_and_resume_continues_exactly(small, tmp_path):
+    data, hf = small
+    out = tmp_path / "ddp"
+    returncode, stdout, stderr = stopped_after_epoch_1(  # as a scheduler's stop or `kill` sends it
+        data, hf, out, lambda run: run.send_signal(signal.SIGTERM))
+    assert returncode != 0
     lines = our_lines(stdout + stderr)
     assert len(lines) == 1 and lines[0].startswith("interrupted at epoch ") and "--resume" in lines[0], stderr[-3000:]
 
@@ -132,15 +140,9 @@ def test_a_rank_that_dies_ends_the_run_in_one_line_with_a_resumable_last_pt(smal
     """kill -9 of rank 1 (a crash, the OOM killer): rank 0's next sum fails, and it saves last.pt and says so."""
     data, hf = small
     out = tmp_path / "ddp"
-    run = subprocess.Popen(torchrun_argv(data, hf, out, "--max-epochs", "1000", "--patience", "1000"),
-                           env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_epoch(run, out, 1)
-        os.kill(worker_pid(run.pid, local_rank=1), signal.SIGKILL)
-        stdout, stderr = run.communicate(timeout=120)  # rank 0 must not wait for rank 1 forever
-    finally:
-        run.kill()
-    assert run.returncode != 0
+    returncode, stdout, stderr = stopped_after_epoch_1(
+        data, hf, out, lambda run: os.kill(worker_pid(run.pid, local_rank=1), signal.SIGKILL))
+    assert returncode != 0
     lines = our_lines(stdout + stderr)
     assert len(lines) == 1 and lines[0].startswith("interrupted at epoch "), stderr[-3000:]
     resumed = torchrun(data, hf, out, "--max-epochs", "1", "--resume")  # last.pt is whole and this run's
